@@ -1,0 +1,156 @@
+//! Access log lines in the combined log format, with upstream, backend and duration added.
+//!
+//! Lines are formatted on the request's thread and written by a dedicated thread,
+//! so a slow disk never stalls the event loop. Off unless configured.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, Write};
+use std::net::IpAddr;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::AccessLog;
+
+#[derive(Clone, Debug)]
+pub struct AccessLogger {
+    tx: mpsc::Sender<String>,
+}
+
+impl AccessLogger {
+    /// Starts the writer thread; `None` when logging is off.
+    pub fn start(config: &AccessLog) -> io::Result<Option<Self>> {
+        let out: Box<dyn Write + Send> = match config {
+            AccessLog::Off => return Ok(None),
+            AccessLog::Stderr => Box::new(io::stderr()),
+            AccessLog::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut out = BufWriter::new(out);
+                while let Ok(line) = rx.recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    // Flush once the queue is drained: batches under load, prompt when quiet.
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                    let _ = out.flush();
+                }
+            })?;
+        Ok(Some(AccessLogger { tx }))
+    }
+
+    pub fn write(&self, line: String) {
+        let _ = self.tx.send(line);
+    }
+}
+
+/// What the log line needs from the request, captured when it arrives.
+#[derive(Debug)]
+pub struct RequestLine {
+    pub client: IpAddr,
+    pub time: SystemTime,
+    pub request: String,
+    pub referer: String,
+    pub user_agent: String,
+}
+
+impl RequestLine {
+    pub fn capture<B>(req: &http::Request<B>, client: IpAddr) -> Self {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| "-".into())
+        };
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        RequestLine {
+            client,
+            time: SystemTime::now(),
+            request: format!("{} {} {:?}", req.method(), target, req.version()),
+            referer: header(http::header::REFERER),
+            user_agent: header(http::header::USER_AGENT),
+        }
+    }
+
+    /// The finished line, newline included.
+    pub fn format(&self, status: u16, bytes: u64, upstream: &str, backend: &str, took: Duration) -> String {
+        format!(
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}\n",
+            self.client,
+            clf_time(self.time),
+            escape(&self.request),
+            status,
+            bytes,
+            escape(&self.referer),
+            escape(&self.user_agent),
+            upstream,
+            backend,
+            took.as_secs_f64()
+        )
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// `22/Nov/2026:04:24:23 +0000`, in UTC.
+fn clf_time(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_in_common_log_format() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_321_463); // 2026-11-22T04:24:23Z
+        assert_eq!(clf_time(t), "22/Nov/2026:04:24:23 +0000");
+        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    fn line_quotes_and_escapes() {
+        let req = http::Request::get("/a?b=1")
+            .header("user-agent", "curl \"x\"")
+            .body(())
+            .unwrap();
+        let mut line = RequestLine::capture(&req, "10.0.0.1".parse().unwrap());
+        line.time = UNIX_EPOCH;
+        let s = line.format(200, 12, "app", "127.0.0.1:9001", Duration::from_millis(3));
+        assert_eq!(
+            s,
+            "10.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl \\\"x\\\"\" upstream=app backend=127.0.0.1:9001 duration=0.003000\n"
+        );
+    }
+}

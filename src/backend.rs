@@ -1,0 +1,91 @@
+//! One backend server: what the config says of it, and its runtime state.
+//!
+//! The config part (`Backend`) is rebuilt on every reload; the runtime part
+//! (`BackendState`) is shared by `Arc` and carried over to the new snapshot when
+//! the backend's (upstream, address) stays, so a reload that only changes a
+//! weight keeps its health and in-flight count.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::uri::Authority;
+
+use crate::config::BackendConfig;
+use crate::metrics::RequestCounters;
+
+/// Mutable facts about a backend, shared by every thread and kept across reloads.
+#[derive(Debug)]
+pub struct BackendState {
+    healthy: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState {
+            healthy: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl BackendState {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Requests sent to this backend whose response has not finished.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// Keeps one request counted in `BackendState::active_requests`. It rides with the
+/// response body, so the count drops when the body ends or the client goes away,
+/// not when the headers arrive.
+#[derive(Debug)]
+pub struct InFlight(Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    /// The address as written in the config: the backend's name in logs, metrics and status.
+    pub address: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// `addr` as a URI authority, made once so requests need not format it.
+    pub authority: Authority,
+    pub state: Arc<BackendState>,
+    pub requests: RequestCounters,
+}
+
+impl Backend {
+    pub fn new(upstream: &str, config: &BackendConfig, state: Arc<BackendState>) -> Self {
+        let authority = Authority::try_from(config.addr.to_string())
+            .expect("a socket address is a valid authority");
+        Backend {
+            address: config.address.clone(),
+            addr: config.addr,
+            weight: config.weight,
+            authority,
+            state,
+            requests: RequestCounters::new(upstream, &config.address),
+        }
+    }
+}

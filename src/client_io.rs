@@ -1,0 +1,170 @@
+//! A client connection's socket, wrapped to enforce the keep-alive and header-read timeouts.
+//!
+//! hyper's own `header_read_timeout` starts when it begins waiting for the next
+//! request, so it would also cut idle keep-alive connections at the header
+//! deadline. Here the two are kept apart, as NGINX does:
+//! - idle (no request in progress, no byte received since): closed after `keepalive`;
+//! - a request head started (bytes arrived while idle): it must complete within `header_read`.
+//!
+//! The proxy marks a request in progress with `Activity::begin`; the returned
+//! guard rides with the response body, so "idle" starts when the response ends.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Requests in progress on one client connection (HTTP/2 may have many).
+#[derive(Debug, Default)]
+pub struct Activity {
+    active: AtomicU32,
+    /// Bumped by every request start, so the reader notices that a head was parsed.
+    started: AtomicU32,
+}
+
+impl Activity {
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.active.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// One request in progress; dropping it ends the request.
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub keepalive: Duration,
+    pub header_read: Duration,
+}
+
+pin_project_lite::pin_project! {
+    pub struct ClientIo<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+        timeouts: Timeouts,
+        // Boxed so that the wrapper is Unpin, as hyper's connection wants its IO.
+        timer: Pin<Box<Sleep>>,
+        // The deadline the timer is set to, when armed.
+        armed: Option<Instant>,
+        idle_since: Instant,
+        head_started: Option<Instant>,
+        seen_started: u32,
+        // Set by the first bytes: None before them. HTTP/2 frames arrive on idle
+        // connections (WINDOW_UPDATE, PING), so the header deadline is for HTTP/1 only.
+        http2: Option<bool>,
+    }
+}
+
+impl<S> ClientIo<S> {
+    pub fn new(inner: S, activity: Arc<Activity>, timeouts: Timeouts) -> Self {
+        let now = Instant::now();
+        ClientIo {
+            inner,
+            activity,
+            timeouts,
+            timer: Box::pin(tokio::time::sleep_until(now + timeouts.keepalive)),
+            armed: None,
+            idle_since: now,
+            head_started: None,
+            seen_started: 0,
+            http2: None,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for ClientIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let started = this.activity.started.load(Ordering::Relaxed);
+        let idle = this.activity.is_idle();
+        if started != *this.seen_started {
+            // A request began since we last looked: its head is complete.
+            *this.seen_started = started;
+            *this.head_started = None;
+            *this.armed = None;
+        }
+        let before = buf.filled().len();
+        match this.inner.poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    let http2 = *this.http2.get_or_insert_with(|| got.starts_with(b"PRI * HTTP/2.0"));
+                    if idle && !http2 && this.head_started.is_none() {
+                        *this.head_started = Some(Instant::now());
+                    }
+                }
+                return Poll::Ready(r);
+            }
+            Poll::Pending if !idle => {
+                *this.armed = None;
+                return Poll::Pending;
+            }
+            Poll::Pending => {}
+        }
+        if this.armed.is_none() {
+            // First wait since the connection opened or a request ended: the idle clock starts now.
+            *this.idle_since = Instant::now();
+        }
+        let deadline = match *this.head_started {
+            Some(t) => t + this.timeouts.header_read,
+            None => *this.idle_since + this.timeouts.keepalive,
+        };
+        if *this.armed != Some(deadline) {
+            this.timer.as_mut().reset(deadline);
+            *this.armed = Some(deadline);
+        }
+        ready!(this.timer.as_mut().poll(cx));
+        let what = if this.head_started.is_some() {
+            "the request head did not arrive in time"
+        } else {
+            "idle keep-alive connection timed out"
+        };
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

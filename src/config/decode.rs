@@ -1,0 +1,656 @@
+//! Turns the positioned YAML tree into a typed `Config`, collecting every problem.
+//!
+//! Each reader returns `Option`: `None` means the value was wrong and a problem has
+//! been recorded, so decoding goes on and the user sees every mistake in one run.
+//! Unknown keys are errors: a typo must never be silently ignored.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::Method;
+
+use super::yaml::{self, Node, Pos, Value};
+use super::*;
+
+/// Decodes `text`; relative file paths in it are taken from `base`.
+pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    let root = yaml::parse(text).map_err(|e| {
+        vec![Problem {
+            pos: Some(e.pos),
+            path: String::new(),
+            message: format!("YAML syntax: {}", e.message),
+        }]
+    })?;
+    let mut d = Decoder {
+        problems: Vec::new(),
+        base,
+    };
+    let config = d.config(&root);
+    match config {
+        Some(c) if d.problems.is_empty() => Ok(c),
+        _ => {
+            d.problems.sort_by_key(|p| p.pos.map(|p| (p.line, p.column)));
+            Err(d.problems)
+        }
+    }
+}
+
+struct Decoder<'b> {
+    problems: Vec<Problem>,
+    base: &'b Path,
+}
+
+/// The entries of one YAML map, with a record of which keys the decoder asked for.
+struct Fields<'n> {
+    path: String,
+    entries: Vec<(&'n str, &'n Node, &'n Node)>,
+    asked: Vec<&'static str>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl<'n> Fields<'n> {
+    /// The value of `key`, if present and not null.
+    fn get(&mut self, key: &'static str) -> Option<(&'n Node, String)> {
+        self.asked.push(key);
+        let path = join(&self.path, key);
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .filter(|(_, _, v)| !matches!(v.value, Value::Null))
+            .map(|(_, _, v)| (*v, path))
+    }
+}
+
+impl Decoder<'_> {
+    fn problem(&mut self, pos: Option<Pos>, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            pos,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn fields<'n>(&mut self, node: &'n Node, path: &str) -> Option<Fields<'n>> {
+        let Value::Map(entries) = &node.value else {
+            self.problem(
+                Some(node.pos),
+                path,
+                format!("expected a map, found {}", node.kind()),
+            );
+            return None;
+        };
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let Value::Scalar(key) = &k.value else {
+                self.problem(Some(k.pos), path, "keys must be plain names");
+                continue;
+            };
+            if !seen.insert(key.as_str()) {
+                self.problem(
+                    Some(k.pos),
+                    &join(path, key),
+                    "duplicate key (each key may appear once)",
+                );
+                continue;
+            }
+            out.push((key.as_str(), k, v));
+        }
+        Some(Fields {
+            path: path.to_string(),
+            entries: out,
+            asked: Vec::new(),
+        })
+    }
+
+    /// Reports every key of `f` the decoder never asked for.
+    fn finish(&mut self, f: Fields<'_>) {
+        for (key, k, _) in &f.entries {
+            if !f.asked.contains(key) {
+                let mut known = f.asked.clone();
+                known.sort_unstable();
+                known.dedup();
+                self.problem(
+                    Some(k.pos),
+                    &join(&f.path, key),
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn required<'n>(&mut self, f: &mut Fields<'n>, key: &'static str, pos: Pos) -> Option<(&'n Node, String)> {
+        let found = f.get(key);
+        if found.is_none() {
+            self.problem(Some(pos), &join(&f.path, key), "missing (required)");
+        }
+        found
+    }
+
+    fn seq<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.value {
+            Value::Seq(items) => Some(items),
+            _ => {
+                self.problem(
+                    Some(node.pos),
+                    path,
+                    format!("expected a list, found {}", node.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.value {
+            Value::Scalar(s) => Some(s.clone()),
+            _ => {
+                self.problem(
+                    Some(node.pos),
+                    path,
+                    format!("expected a string, found {}", node.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        what: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = self.string(node, path)?;
+        match parse(text.trim()) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                self.problem(Some(node.pos), path, format!("`{text}` is not {what}{why}"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        self.parsed(node, path, "a duration", |s| {
+            if s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(" (give a unit: 250ms, 2s, 5m, 1h)".into());
+            }
+            humantime::parse_duration(s).map_err(|e| format!(" ({e})"))
+        })
+    }
+
+    fn socket_addr(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
+        self.parsed(node, path, "an address", |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| " (expected ip:port, such as 127.0.0.1:8080 or [::1]:8080)".into())
+        })
+    }
+
+    fn integer(&mut self, node: &Node, path: &str, min: u64, max: u64) -> Option<u64> {
+        self.parsed(node, path, "a whole number", |s| {
+            let n: u64 = s.parse().map_err(|_| String::new())?;
+            if n < min || n > max {
+                return Err(format!(" in the range {min} to {max}"));
+            }
+            Ok(n)
+        })
+    }
+
+    fn optional<T>(
+        &mut self,
+        f: &mut Fields<'_>,
+        key: &'static str,
+        default: T,
+        read: impl FnOnce(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<T> {
+        match f.get(key) {
+            Some((node, path)) => read(self, node, &path),
+            None => Some(default),
+        }
+    }
+
+    // ---- the sections ----------------------------------------------------------------
+
+    fn config(&mut self, root: &Node) -> Option<Config> {
+        if matches!(root.value, Value::Null) {
+            self.problem(Some(root.pos), "", "the file is empty");
+            return None;
+        }
+        let mut f = self.fields(root, "")?;
+        let upstreams_node = self.required(&mut f, "upstreams", root.pos);
+        // Routes are checked against the names even when an upstream has other problems.
+        let names: Option<Vec<String>> = upstreams_node.as_ref().and_then(|(node, _)| match &node.value {
+            Value::Map(entries) => Some(
+                entries
+                    .iter()
+                    .filter_map(|(k, _)| match &k.value {
+                        Value::Scalar(name) => Some(name.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        });
+        let upstreams = upstreams_node.and_then(|(node, path)| self.upstreams(node, &path));
+        let listeners = match self.required(&mut f, "listeners", root.pos) {
+            Some((node, path)) => self.listeners(node, &path, names.as_ref()),
+            None => None,
+        };
+        let admin = match f.get("admin") {
+            Some((node, path)) => self.admin(node, &path).map(Some),
+            None => Some(None),
+        };
+        let shutdown_timeout =
+            self.optional(&mut f, "shutdown_timeout", Duration::from_secs(30), Self::duration);
+        let access_log = self.optional(&mut f, "access_log", AccessLog::Off, Self::access_log);
+        let workers = self.optional(&mut f, "workers", None, |d, n, p| {
+            d.integer(n, p, 1, 1024).map(|n| Some(n as usize))
+        });
+        self.finish(f);
+        let config = Config {
+            listeners: listeners?,
+            upstreams: upstreams?,
+            admin: admin?,
+            shutdown_timeout: shutdown_timeout?,
+            access_log: access_log?,
+            workers: workers?,
+        };
+        if let Some(admin) = &config.admin {
+            if config.listeners.iter().any(|l| l.bind == admin.bind) {
+                self.problem(None, "admin.bind", "the same address as a listener");
+            }
+        }
+        Some(config)
+    }
+
+    fn access_log(&mut self, node: &Node, path: &str) -> Option<AccessLog> {
+        let text = self.string(node, path)?;
+        Some(match text.as_str() {
+            "off" | "false" => AccessLog::Off,
+            "stderr" => AccessLog::Stderr,
+            file => AccessLog::File(self.base.join(file)),
+        })
+    }
+
+    fn admin(&mut self, node: &Node, path: &str) -> Option<AdminConfig> {
+        let mut f = self.fields(node, path)?;
+        let bind = match self.required(&mut f, "bind", node.pos) {
+            Some((n, p)) => self.socket_addr(n, &p),
+            None => None,
+        };
+        self.finish(f);
+        Some(AdminConfig { bind: bind? })
+    }
+
+    fn upstreams(&mut self, node: &Node, path: &str) -> Option<Vec<UpstreamConfig>> {
+        let mut f = self.fields(node, path)?;
+        if f.entries.is_empty() {
+            self.problem(Some(node.pos), path, "at least one upstream is needed");
+        }
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (name, _, value) in std::mem::take(&mut f.entries) {
+            match self.upstream(name, value, &join(path, name)) {
+                Some(u) => out.push(u),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn upstream(&mut self, name: &str, node: &Node, path: &str) -> Option<UpstreamConfig> {
+        let mut f = self.fields(node, path)?;
+        let balance = self.optional(&mut f, "balance", Balance::RoundRobin, |d, n, p| {
+            d.parsed(n, p, "a balance", |s| match s {
+                "round_robin" => Ok(Balance::RoundRobin),
+                _ => Err(" (expected round_robin)".into()),
+            })
+        });
+        let backends = match self.required(&mut f, "backends", node.pos) {
+            Some((n, p)) => self.backends(n, &p),
+            None => None,
+        };
+        let (mut connect, mut response, mut idle) = (
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(90)),
+        );
+        if let Some((n, p)) = f.get("timeouts") {
+            if let Some(mut t) = self.fields(n, &p) {
+                connect = self.optional(&mut t, "connect", connect.unwrap_or_default(), Self::duration);
+                response =
+                    self.optional(&mut t, "response", response.unwrap_or_default(), Self::duration);
+                idle = self.optional(&mut t, "idle", idle.unwrap_or_default(), Self::duration);
+                self.finish(t);
+            }
+        }
+        self.finish(f);
+        Some(UpstreamConfig {
+            name: name.to_string(),
+            balance: balance?,
+            backends: backends?,
+            connect_timeout: connect?,
+            response_timeout: response?,
+            idle_timeout: idle?,
+        })
+    }
+
+    fn backends(&mut self, node: &Node, path: &str) -> Option<Vec<BackendConfig>> {
+        let items = self.seq(node, path)?;
+        if items.is_empty() {
+            self.problem(Some(node.pos), path, "at least one backend is needed");
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{path}[{i}]");
+            match self.backend(item, &path) {
+                Some(b) if out.iter().any(|o: &BackendConfig| o.addr == b.addr) => {
+                    self.problem(Some(item.pos), &path, format!("{} is listed twice", b.address));
+                    ok = false;
+                }
+                Some(b) => out.push(b),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn backend(&mut self, node: &Node, path: &str) -> Option<BackendConfig> {
+        if let Value::Scalar(address) = &node.value {
+            let addr = self.socket_addr(node, path)?;
+            return Some(BackendConfig {
+                address: address.trim().to_string(),
+                addr,
+                weight: 1,
+            });
+        }
+        let mut f = self.fields(node, path)?;
+        let address = self.required(&mut f, "address", node.pos);
+        let address = address.and_then(|(n, p)| Some((self.string(n, &p)?, self.socket_addr(n, &p)?)));
+        let weight = self.optional(&mut f, "weight", 1, |d, n, p| {
+            d.integer(n, p, 1, MAX_WEIGHT.into()).map(|w| w as u32)
+        });
+        self.finish(f);
+        let (address, addr) = address?;
+        Some(BackendConfig {
+            address: address.trim().to_string(),
+            addr,
+            weight: weight?,
+        })
+    }
+
+    fn listeners(
+        &mut self,
+        node: &Node,
+        path: &str,
+        upstreams: Option<&Vec<String>>,
+    ) -> Option<Vec<ListenerConfig>> {
+        let items = self.seq(node, path)?;
+        if items.is_empty() {
+            self.problem(Some(node.pos), path, "at least one listener is needed");
+            return None;
+        }
+        let mut out: Vec<ListenerConfig> = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{path}[{i}]");
+            match self.listener(item, &path, upstreams) {
+                Some(l) if out.iter().any(|o| o.bind == l.bind) => {
+                    self.problem(
+                        Some(item.pos),
+                        &format!("{path}.bind"),
+                        format!("{} is bound by an earlier listener", l.bind),
+                    );
+                    ok = false;
+                }
+                Some(l) => out.push(l),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn listener(
+        &mut self,
+        node: &Node,
+        path: &str,
+        upstreams: Option<&Vec<String>>,
+    ) -> Option<ListenerConfig> {
+        let mut f = self.fields(node, path)?;
+        let bind = self
+            .required(&mut f, "bind", node.pos)
+            .and_then(|(n, p)| self.socket_addr(n, &p));
+        let name = self.optional(&mut f, "name", None, |d, n, p| d.string(n, p).map(Some));
+        let routes = self
+            .required(&mut f, "routes", node.pos)
+            .and_then(|(n, p)| self.routes(n, &p, upstreams));
+        let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
+            // hyper's HTTP/1 reader needs at least 8 KiB of buffer.
+            d.integer(n, p, 8192, 1 << 20).map(|v| v as usize)
+        });
+        let (mut header_read, mut keepalive) =
+            (Some(Duration::from_secs(10)), Some(Duration::from_secs(60)));
+        if let Some((n, p)) = f.get("timeouts") {
+            if let Some(mut t) = self.fields(n, &p) {
+                header_read =
+                    self.optional(&mut t, "header_read", Duration::from_secs(10), Self::duration);
+                keepalive =
+                    self.optional(&mut t, "keepalive", Duration::from_secs(60), Self::duration);
+                self.finish(t);
+            }
+        }
+        self.finish(f);
+        let bind = bind?;
+        Some(ListenerConfig {
+            name: name?.unwrap_or_else(|| bind.to_string()),
+            bind,
+            routes: routes?,
+            header_read_timeout: header_read?,
+            keepalive_timeout: keepalive?,
+            max_header_bytes: max_header_bytes?,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        node: &Node,
+        path: &str,
+        upstreams: Option<&Vec<String>>,
+    ) -> Option<Vec<RouteConfig>> {
+        let items = self.seq(node, path)?;
+        if items.is_empty() {
+            self.problem(Some(node.pos), path, "at least one route is needed");
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            out.push(self.route(item, &format!("{path}[{i}]"), upstreams));
+        }
+        out.into_iter().collect()
+    }
+
+    fn route(
+        &mut self,
+        node: &Node,
+        path: &str,
+        upstreams: Option<&Vec<String>>,
+    ) -> Option<RouteConfig> {
+        let mut f = self.fields(node, path)?;
+        let upstream = self
+            .required(&mut f, "upstream", node.pos)
+            .and_then(|(n, p)| {
+                let name = self.string(n, &p)?;
+                match upstreams {
+                    Some(known) if !known.contains(&name) => {
+                        self.problem(
+                            Some(n.pos),
+                            &p,
+                            format!("no upstream named `{name}` (known: {})", known.join(", ")),
+                        );
+                        None
+                    }
+                    _ => Some(name),
+                }
+            });
+        let mut host = Some(None);
+        let mut path_prefix = Some(None);
+        let mut methods = Some(Vec::new());
+        if let Some((n, p)) = f.get("match") {
+            if let Some(mut m) = self.fields(n, &p) {
+                host = self.optional(&mut m, "host", None, |d, n, p| d.host(n, p).map(Some));
+                path_prefix = self.optional(&mut m, "path_prefix", None, |d, n, p| {
+                    d.parsed(n, p, "a path prefix", |s| {
+                        if s.starts_with('/') {
+                            Ok(Some(s.to_string()))
+                        } else {
+                            Err(" (it must start with /)".into())
+                        }
+                    })
+                });
+                methods = self.optional(&mut m, "methods", Vec::new(), Self::methods);
+                self.finish(m);
+            }
+        }
+        self.finish(f);
+        Some(RouteConfig {
+            host: host?,
+            path_prefix: path_prefix?,
+            methods: methods?,
+            upstream: upstream?,
+        })
+    }
+
+    fn host(&mut self, node: &Node, path: &str) -> Option<HostMatch> {
+        self.parsed(node, path, "a host name", |s| {
+            let s = s.to_ascii_lowercase();
+            let (suffix, name) = match s.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, s.as_str()),
+            };
+            let valid = |label: &str| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !name.split('.').all(valid) {
+                return Err(" (expected a name such as api.example.com or *.example.com)".into());
+            }
+            Ok(if suffix {
+                HostMatch::Suffix(format!(".{name}"))
+            } else {
+                HostMatch::Exact(name.to_string())
+            })
+        })
+    }
+
+    fn methods(&mut self, node: &Node, path: &str) -> Option<Vec<Method>> {
+        let items = self.seq(node, path)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            out.push(self.parsed(item, &p, "an HTTP method", |s| {
+                if !s.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(" (methods are upper case, such as GET)".into());
+                }
+                Method::from_bytes(s.as_bytes()).map_err(|_| String::new())
+            }));
+        }
+        out.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        decode(text, Path::new("/etc/bascule"))
+            .unwrap_err()
+            .into_iter()
+            .map(|p| match p.pos {
+                Some(pos) => format!("{pos}: {}: {}", p.path, p.message),
+                None => format!("{}: {}", p.path, p.message),
+            })
+            .collect()
+    }
+
+    const MINIMAL: &str = "listeners:\n  - bind: 127.0.0.1:8080\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = decode(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(c.listeners[0].name, "127.0.0.1:8080");
+        assert_eq!(c.listeners[0].max_header_bytes, 65536);
+        assert_eq!(c.upstreams[0].backends[0].weight, 1);
+        assert_eq!(c.upstreams[0].response_timeout, Duration::from_secs(60));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.access_log, AccessLog::Off);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_position() {
+        let text = "listeners:\n  - bind: 127.0.0.1:80800\n    routes:\n      - upstream: nope\nupstreams:\n  app:\n    backends:\n      - { address: 127.0.0.1:9001, weight: 0 }\n    timeouts: { connect: 5 }\n    colour: blue\n";
+        let p = problems(text);
+        assert_eq!(
+            p,
+            vec![
+                "2:11: listeners[0].bind: `127.0.0.1:80800` is not an address (expected ip:port, such as 127.0.0.1:8080 or [::1]:8080)",
+                "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
+                "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
+                "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, timeouts)",
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_of_later_features_are_unknown() {
+        let text = format!("{MINIMAL}    health_check: {{ path: / }}\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("upstreams.app.health_check: unknown key"), "{p:?}");
+    }
+
+    #[test]
+    fn duplicate_upstream_and_bind_and_empty_backends() {
+        let text = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: a}]\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: a}]\nupstreams:\n  a:\n    backends: []\n  a:\n    backends: [127.0.0.1:1]\n";
+        let p = problems(text);
+        assert!(p.iter().any(|p| p.contains("upstreams.a: duplicate key")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("listeners[1].bind: 127.0.0.1:8080 is bound by an earlier listener")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("upstreams.a.backends: at least one backend is needed")), "{p:?}");
+    }
+
+    #[test]
+    fn host_and_methods_are_normalised() {
+        let text = MINIMAL.replace(
+            "      - upstream: app\n",
+            "      - match: { host: '*.Example.com', methods: [GET], path_prefix: /api }\n        upstream: app\n",
+        );
+        let c = decode(&text, Path::new(".")).unwrap();
+        let r = &c.listeners[0].routes[0];
+        assert_eq!(r.host, Some(HostMatch::Suffix(".example.com".into())));
+        assert_eq!(r.methods, vec![Method::GET]);
+        assert_eq!(r.path_prefix.as_deref(), Some("/api"));
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let p = problems("listeners: [\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("YAML syntax"), "{p:?}");
+    }
+}

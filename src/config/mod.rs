@@ -1,0 +1,174 @@
+//! The configuration: typed, validated, and read from one YAML file.
+//!
+//! Two layers, as in sozu and pingora: `yaml` reads the file into a tree that
+//! keeps positions, `decode` turns that tree into the types below or into a list
+//! of every problem found, each with `FILE:LINE:COLUMN` and the field's path.
+//! Nothing here binds a socket or opens a connection, so `bascule check` and a
+//! reload can run it off the request path.
+
+mod decode;
+pub mod yaml;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+
+pub use decode::decode;
+use yaml::Pos;
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    /// In file order; names are unique.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub admin: Option<AdminConfig>,
+    /// How long SIGTERM waits for requests and tunnels in flight. Default 30s.
+    pub shutdown_timeout: Duration,
+    pub access_log: AccessLog,
+    /// Worker threads, each with its own event loop and listening sockets.
+    /// Default: one per CPU the process may run on.
+    pub workers: Option<usize>,
+}
+
+impl Config {
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerConfig {
+    /// Defaults to the bind address.
+    pub name: String,
+    pub bind: SocketAddr,
+    pub routes: Vec<RouteConfig>,
+    /// A client must send a whole request head within this. Default 10s.
+    pub header_read_timeout: Duration,
+    /// An idle client connection is closed after this. Default 60s.
+    pub keepalive_timeout: Duration,
+    /// A larger request head gets 431. Default 64 KiB.
+    pub max_header_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: Option<String>,
+    /// Empty: any method.
+    pub methods: Vec<Method>,
+    pub upstream: String,
+}
+
+/// A `host` condition, already lower-cased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`: the name must end with it.
+    Suffix(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+impl Balance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub backends: Vec<BackendConfig>,
+    /// TCP connect to a backend. Default 5s.
+    pub connect_timeout: Duration,
+    /// From request sent to response headers; past it the client gets 504. Default 60s.
+    pub response_timeout: Duration,
+    /// An unused pooled backend connection is closed after this. Default 90s.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// As written in the file: the backend's identity in metrics, status and reloads.
+    pub address: String,
+    pub addr: SocketAddr,
+    /// 1 to `MAX_WEIGHT`. Default 1.
+    pub weight: u32,
+}
+
+/// Weights above this are refused: round robin keeps a table as long as the sum of weights.
+pub const MAX_WEIGHT: u32 = 1000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+/// Where access log lines go. Off unless configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stderr,
+    File(PathBuf),
+}
+
+/// One problem found in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub pos: Option<Pos>,
+    /// The field's path, such as `upstreams.app.backends[2].weight`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one file, printed one per line as `FILE:LINE:COLUMN: path: message`.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file)?;
+            if let Some(pos) = p.pos {
+                write!(f, ":{pos}")?;
+            }
+            if p.path.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": {}: {}", p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates the file at `path`. `path` is named in errors as given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![Problem {
+            pos: None,
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    decode(&text, base).map_err(|problems| ConfigError { file, problems })
+}

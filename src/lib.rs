@@ -1,0 +1,21 @@
+//! bascule: an L7 HTTP load balancer.
+//!
+//! The binary (`main.rs`) parses the command line and calls into this library;
+//! integration tests drive the same `Server` the binary runs.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod backend;
+pub mod balance;
+pub mod client_io;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Server, StartError};

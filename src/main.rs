@@ -1,0 +1,146 @@
+//! The `bascule` command: run the balancer, or check a configuration file.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use bascule::{config, Server};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// An L7 HTTP load balancer configured by one YAML file.
+///
+/// Signals: SIGHUP re-reads the config file and switches to it if it is valid;
+/// SIGTERM or SIGINT stop accepting, let requests in flight finish (up to
+/// shutdown_timeout) and exit.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// The configuration file to run.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file without binding anything: prints `FILE: ok`,
+    /// or every problem as FILE:LINE:COLUMN: message and exits 1.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match (cli.command, cli.config) {
+        (Some(Command::Check { config }), _) => check(&config),
+        (None, Some(config)) => run(&config),
+        (None, None) => {
+            eprintln!("bascule: give a configuration file with --config FILE (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bascule: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bascule: cannot start the signal handler: {e}");
+            server.shutdown();
+            server.wait();
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot handle signals: {e}");
+                server.shutdown();
+                server.wait();
+                return;
+            }
+        };
+        // SIGHUP reloads until SIGTERM or SIGINT starts the shutdown.
+        while signals.next_is_reload().await {
+            server.reload_from(path);
+        }
+        tracing::info!("shutting down: no new connections; waiting for requests in flight");
+        server.shutdown();
+        let waiting = tokio::task::spawn_blocking(move || server.wait());
+        tokio::select! {
+            _ = waiting => {}
+            _ = signals.next_is_reload() => {
+                tracing::warn!("second stop signal: exiting now");
+            }
+        }
+    });
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next signal: true for SIGHUP, false for SIGTERM or SIGINT.
+    async fn next_is_reload(&mut self) -> bool {
+        tokio::select! {
+            _ = self.hup.recv() => true,
+            _ = self.term.recv() => false,
+            _ = self.int.recv() => false,
+        }
+    }
+}

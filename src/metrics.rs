@@ -1,0 +1,95 @@
+//! Metric names, the Prometheus recorder, and pre-registered handles for the hot path.
+//!
+//! Labels come only from the configuration (upstream and backend names), never
+//! from request data, so the series count is bounded by the config. Handles are
+//! looked up once, when a runtime snapshot is built, so a request only bumps
+//! atomics: no label formatting or registry lookup per request.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "bascule_requests_total";
+pub const REQUEST_DURATION: &str = "bascule_request_duration_seconds";
+pub const BACKEND_HEALTHY: &str = "bascule_backend_healthy";
+pub const BACKEND_ACTIVE: &str = "bascule_backend_active_requests";
+pub const CONFIG_RELOADS: &str = "bascule_config_reloads_total";
+
+/// The label value for replies made without a backend (and without an upstream when no route matched).
+pub const NONE: &str = "none";
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The process-wide Prometheus recorder, installed on first use.
+///
+/// Handles made before the recorder exists record nothing, so everything that
+/// makes handles calls this first.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only when a program embedding bascule installed its own recorder first;
+        // bascule's metrics then go to that recorder, which is the embedder's choice.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// `bascule_requests_total` for one (upstream, backend) pair, one counter per status code,
+/// registered on first use of each code.
+#[derive(Debug)]
+pub struct RequestCounters {
+    upstream: String,
+    backend: String,
+    by_status: Box<[OnceLock<Counter>]>,
+}
+
+const FIRST_STATUS: u16 = 100;
+const LAST_STATUS: u16 = 599;
+
+impl RequestCounters {
+    pub fn new(upstream: &str, backend: &str) -> Self {
+        handle();
+        RequestCounters {
+            upstream: upstream.to_string(),
+            backend: backend.to_string(),
+            by_status: (FIRST_STATUS..=LAST_STATUS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn count(&self, status: u16) {
+        let i = status.clamp(FIRST_STATUS, LAST_STATUS) - FIRST_STATUS;
+        self.by_status[i as usize]
+            .get_or_init(|| {
+                metrics::counter!(REQUESTS_TOTAL,
+                    "upstream" => self.upstream.clone(),
+                    "backend" => self.backend.clone(),
+                    "status" => (i + FIRST_STATUS).to_string())
+            })
+            .increment(1);
+    }
+}
+
+pub fn request_duration(upstream: &str) -> Histogram {
+    handle();
+    metrics::histogram!(REQUEST_DURATION, "upstream" => upstream.to_string())
+}
+
+pub fn config_reload(success: bool) {
+    handle();
+    let result = if success { "success" } else { "failure" };
+    metrics::counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// Counters for replies made when no route matched (`upstream="none"`, `backend="none"`).
+pub fn unrouted() -> &'static RequestCounters {
+    static UNROUTED: OnceLock<RequestCounters> = OnceLock::new();
+    UNROUTED.get_or_init(|| RequestCounters::new(NONE, NONE))
+}

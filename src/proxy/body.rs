@@ -1,0 +1,131 @@
+//! The response body bascule sends to clients, and the record of the exchange
+//! that it carries until the last byte is gone.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::access_log::{AccessLogger, RequestLine};
+use crate::backend::InFlight;
+use crate::client_io::Busy;
+use crate::metrics::{self as m, RequestCounters};
+use crate::upstream::Upstream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything to account for one request, done when it is dropped: after the
+/// response body has ended, or when the client went away.
+#[derive(Debug)]
+pub struct Exchange {
+    started: Instant,
+    pub status: u16,
+    pub bytes: u64,
+    pub upstream: Option<Arc<Upstream>>,
+    /// Index of the backend in `upstream.backends`.
+    pub backend: Option<usize>,
+    pub in_flight: Option<InFlight>,
+    log: Option<(AccessLogger, Box<RequestLine>)>,
+    _busy: Busy,
+}
+
+impl Exchange {
+    pub fn new(busy: Busy, log: Option<(AccessLogger, Box<RequestLine>)>) -> Self {
+        Exchange {
+            started: Instant::now(),
+            status: 0,
+            bytes: 0,
+            upstream: None,
+            backend: None,
+            in_flight: None,
+            log,
+            _busy: busy,
+        }
+    }
+
+    fn counters(&self) -> &RequestCounters {
+        match (&self.upstream, self.backend) {
+            (Some(u), Some(b)) => &u.backends[b].requests,
+            (Some(u), None) => &u.unserved,
+            (None, _) => m::unrouted(),
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        self.counters().count(self.status);
+        if let Some(u) = &self.upstream {
+            u.duration.record(took.as_secs_f64());
+        }
+        if let Some((logger, line)) = self.log.take() {
+            let upstream = self.upstream.as_ref().map_or(m::NONE, |u| u.name.as_str());
+            let backend = match (&self.upstream, self.backend) {
+                (Some(u), Some(b)) => u.backends[b].address.as_str(),
+                _ => m::NONE,
+            };
+            logger.write(line.format(self.status, self.bytes, upstream, backend, took));
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A backend's body passed through, or a reply bascule made, with the exchange record.
+    pub struct ProxyBody {
+        #[pin]
+        inner: http_body_util::Either<Incoming, Full<Bytes>>,
+        exchange: Option<Exchange>,
+    }
+}
+
+impl ProxyBody {
+    pub fn backend(body: Incoming, exchange: Exchange) -> Self {
+        ProxyBody {
+            inner: http_body_util::Either::Left(body),
+            exchange: Some(exchange),
+        }
+    }
+
+    pub fn local(text: Bytes, exchange: Option<Exchange>) -> Self {
+        ProxyBody {
+            inner: http_body_util::Either::Right(Full::new(text)),
+            exchange,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let Poll::Ready(polled) = this.inner.poll_frame(cx) else {
+            return Poll::Pending;
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    ex.bytes += data.len() as u64;
+                }
+            }
+            // The end, or a backend that broke off mid-body: the exchange is over.
+            None | Some(Err(_)) => drop(this.exchange.take()),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,147 @@
+//! Every header rewrite the proxy makes, in one place.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the hop-by-hop fields of RFC 9110 §7.6.1: `Connection`, every field it
+/// names, and `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and
+/// `Upgrade`. They describe one connection and must not be forwarded; a client's
+/// `Connection: close` forwarded to a backend would also close the pooled
+/// connection after every request.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [&PROXY_CONNECTION, &KEEP_ALIVE] {
+        headers.remove(name);
+    }
+    headers.remove(header::TE);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+}
+
+/// The protocol a request asks to switch to (`Connection: upgrade` plus `Upgrade`),
+/// such as `websocket`.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Puts back the two fields that carry an upgrade across this hop.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Adds `X-Forwarded-For` (appending the client's address to any list the
+/// client sent), and sets `X-Forwarded-Proto` and `X-Forwarded-Host` (what the
+/// client sent as Host, port included). bascule is the edge: a client's own
+/// Proto and Host claims are replaced, not trusted.
+pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        None => client_ip.clone(),
+        Some(_) => {
+            let mut list = Vec::new();
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                list.extend_from_slice(v.as_bytes());
+                list.extend_from_slice(b", ");
+            }
+            list.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&list).unwrap_or_else(|_| client_ip.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_fields() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("connection", "foo"),
+            ("x-secret", "1"),
+            ("foo", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_needs_both_fields() {
+        let h = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
+        assert!(upgrade_protocol(&map(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_proto_host_are_set() {
+        let ip = HeaderValue::from_static("10.1.2.3");
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("x-forwarded-proto", "https"),
+            ("host", "example.com:8080"),
+        ]);
+        add_forwarded(&mut h, &ip, false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com:8080");
+
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, &ip, true);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
+}

@@ -1,0 +1,205 @@
+//! The request path: route, pick a backend, rewrite headers, forward, stream back.
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::{AccessLogger, RequestLine};
+use crate::backend::InFlight;
+use crate::client_io::Activity;
+use crate::state::{Snapshot, State};
+pub use body::{Exchange, ProxyBody};
+pub use error::ProxyError;
+
+/// What the proxy knows of the client connection a request came on.
+#[derive(Debug)]
+pub struct ConnContext {
+    pub state: Arc<State>,
+    /// The listener's bind address as configured: its key in the snapshot.
+    pub listener: SocketAddr,
+    pub peer: SocketAddr,
+    /// The peer's IP, formatted once per connection for X-Forwarded-For.
+    pub client_ip: HeaderValue,
+    pub tls: bool,
+    pub activity: Arc<Activity>,
+    /// Upgraded connections (WebSocket) run here so that shutdown can wait for them.
+    pub tunnels: TaskTracker,
+    pub access_log: Option<AccessLogger>,
+}
+
+impl ConnContext {
+    pub fn client_ip_header(peer: SocketAddr) -> HeaderValue {
+        HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+    }
+}
+
+/// Serves one request. Never fails: every failure becomes a reply with a status.
+pub async fn serve(cx: Arc<ConnContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let log = cx
+        .access_log
+        .as_ref()
+        .map(|l| (l.clone(), Box::new(RequestLine::capture(&req, cx.peer.ip()))));
+    let mut ex = Exchange::new(cx.activity.begin(), log);
+    let snapshot = cx.state.load();
+    match forward(&cx, &snapshot, req, &mut ex).await {
+        Ok(resp) => {
+            ex.status = resp.status().as_u16();
+            Ok(resp.map(|body| ProxyBody::backend(body, ex)))
+        }
+        Err(e) => {
+            let backend = ex.upstream.as_ref().zip(ex.backend).map(|(u, b)| &u.backends[b].address);
+            match e {
+                ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => tracing::debug!(peer = %cx.peer, "{e}"),
+                _ => tracing::warn!(
+                    upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
+                    backend = backend.map(String::as_str),
+                    "{e}"
+                ),
+            }
+            Ok(reply(e, ex))
+        }
+    }
+}
+
+/// A reply bascule makes itself; the one place a failure becomes a status and body.
+fn reply(e: ProxyError, mut ex: Exchange) -> Response<ProxyBody> {
+    let status = e.status();
+    ex.status = status.as_u16();
+    let mut resp = Response::new(ProxyBody::local(Bytes::from(e.body()), Some(ex)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+async fn forward(
+    cx: &ConnContext,
+    snapshot: &Snapshot,
+    mut req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Result<Response<Incoming>, ProxyError> {
+    if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
+        return Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"));
+    }
+    let listener = snapshot.listener(cx.listener).ok_or(ProxyError::NoRoute)?;
+    if head_size(&req) > listener.config.max_header_bytes {
+        return Err(ProxyError::HeadTooLarge);
+    }
+    let host = match req.headers().get(HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    let index = listener
+        .router
+        .route(host, req.uri().path(), req.method())
+        .ok_or(ProxyError::NoRoute)?;
+    let upstream = ex.upstream.insert(snapshot.upstreams[index].clone()).clone();
+    let chosen = upstream.pick_index().ok_or(ProxyError::NoBackend)?;
+    ex.backend = Some(chosen);
+    let backend = &upstream.backends[chosen];
+    ex.in_flight = Some(backend.state.begin_request());
+
+    // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
+    let upgrade = headers::upgrade_protocol(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(HOST) {
+        // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
+        if let Some(value) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(HOST, value);
+        }
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls);
+    if let Some(protocol) = &upgrade {
+        headers::set_upgrade(&mut parts.headers, protocol.clone());
+    }
+    let mut target = std::mem::take(&mut parts.uri).into_parts();
+    target.scheme = Some(Scheme::HTTP);
+    target.authority = Some(backend.authority.clone());
+    if target.path_and_query.is_none() {
+        target.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    parts.version = Version::HTTP_11;
+
+    let sent = upstream.client.request(Request::from_parts(parts, body));
+    let mut resp = match tokio::time::timeout(upstream.response_timeout, sent).await {
+        Err(_) => return Err(ProxyError::Timeout),
+        Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Connect),
+        Ok(Err(e)) => {
+            tracing::debug!(backend = %backend.address, "exchange failed: {e:?}");
+            return Err(ProxyError::Broken);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client_upgrade), Some(protocol)) = (client_upgrade, resp.headers().get(http::header::UPGRADE).cloned())
+        else {
+            // A switch nobody asked for cannot be carried to the client.
+            return Err(ProxyError::Broken);
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        headers::strip_hop_by_hop(resp.headers_mut());
+        headers::set_upgrade(resp.headers_mut(), protocol);
+        let in_flight = ex.in_flight.take();
+        cx.tunnels.spawn(tunnel(client_upgrade, backend_upgrade, in_flight));
+        return Ok(resp);
+    }
+    headers::strip_hop_by_hop(resp.headers_mut());
+    Ok(resp)
+}
+
+/// The head-size limit given to hyper for a configured `max_header_bytes`.
+///
+/// hyper answers an oversized head itself, with a bare 431 and no body. Its
+/// limit is set above ours, so that heads between the two reach `forward` and
+/// get bascule's 431 with a body; only grossly oversized heads meet hyper's.
+pub fn head_limit(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(2).max(max_header_bytes + 8192)
+}
+
+/// The size of a request head as HTTP/1.1 would write it.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 11;
+    req.headers()
+        .iter()
+        .fold(line, |n, (name, value)| n + name.as_str().len() + value.len() + 4)
+}
+
+/// Copies bytes both ways between an upgraded client and backend until either side closes.
+/// The backend counts the tunnel as a request in flight for as long as it is open.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, _in_flight: Option<InFlight>) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!("tunnel closed: {e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The runtime snapshot: everything a request needs, built from one config and
+//! swapped atomically on reload.
+//!
+//! A request does one `State::load()` and works on that snapshot to its end, so
+//! a reload never changes the rules under a request in flight. A new snapshot is
+//! built aside from the old one, taking over the runtime state of every backend
+//! whose (upstream, address) stays and the connection pool of every upstream
+//! whose pool settings stay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+
+use crate::backend::{Backend, BackendState};
+use crate::config::{Config, ListenerConfig, UpstreamConfig};
+use crate::proxy::client;
+use crate::router::Router;
+use crate::upstream::Upstream;
+
+#[derive(Debug)]
+pub struct ListenerRoutes {
+    pub config: ListenerConfig,
+    pub router: Router,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub listeners: Vec<ListenerRoutes>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `config`, carrying state over from `previous`.
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(build_upstream(u, previous.and_then(|p| p.upstream(&u.name)))))
+            .collect();
+        let index = |name: &str| {
+            upstreams
+                .iter()
+                .position(|u| u.name == name)
+                .expect("validation checked route upstreams")
+        };
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| ListenerRoutes {
+                config: l.clone(),
+                router: Router::new(&l.routes, index),
+            })
+            .collect();
+        Snapshot {
+            config,
+            upstreams,
+            listeners,
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The listener configured with this bind address.
+    pub fn listener(&self, bind: SocketAddr) -> Option<&ListenerRoutes> {
+        self.listeners.iter().find(|l| l.config.bind == bind)
+    }
+}
+
+fn build_upstream(config: &UpstreamConfig, previous: Option<&Arc<Upstream>>) -> Upstream {
+    let backends = config
+        .backends
+        .iter()
+        .map(|b| {
+            let state = previous
+                .and_then(|p| p.backends.iter().find(|old| old.address == b.address))
+                .map(|old| old.state.clone())
+                .unwrap_or_else(|| Arc::new(BackendState::default()));
+            Backend::new(&config.name, b, state)
+        })
+        .collect();
+    let client = match previous {
+        Some(p) if p.pool_settings == (config.connect_timeout, config.idle_timeout) => p.client.clone(),
+        _ => client::new(config.connect_timeout, config.idle_timeout),
+    };
+    Upstream::new(config, backends, client)
+}
+
+/// The current snapshot, shared by every thread.
+#[derive(Debug)]
+pub struct State(ArcSwap<Snapshot>);
+
+impl State {
+    pub fn new(snapshot: Snapshot) -> Self {
+        State(ArcSwap::from_pointee(snapshot))
+    }
+
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.0.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, snapshot: Snapshot) {
+        self.0.store(Arc::new(snapshot));
+    }
+}
