@@ -267,7 +267,7 @@ impl Decoder<'_> {
             workers: workers?,
         };
         if let Some(admin) = &config.admin {
-            if config.listeners.iter().any(|l| l.bind == admin.bind) {
+            if admin.bind.port() != 0 && config.listeners.iter().any(|l| l.bind == admin.bind) {
                 self.problem(None, "admin.bind", "the same address as a listener");
             }
         }
@@ -408,7 +408,7 @@ impl Decoder<'_> {
         for (i, item) in items.iter().enumerate() {
             let path = format!("{path}[{i}]");
             match self.listener(item, &path, upstreams) {
-                Some(l) if out.iter().any(|o| o.bind == l.bind) => {
+                Some(l) if l.bind.port() != 0 && out.iter().any(|o| o.bind == l.bind) => {
                     self.problem(
                         Some(item.pos),
                         &format!("{path}.bind"),

@@ -1,0 +1,360 @@
+//! Test helpers: real backends and a real balancer on 127.0.0.1 ephemeral ports.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bascule::Server;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// What a test backend saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// A backend server on its own thread and runtime. Dropping it stops it.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub connections: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestBackend {
+    /// Answers:
+    /// - `/slow?ms=N`: waits N ms, then replies
+    /// - `/big?bytes=N`: streams N bytes of `x` in 64 KiB chunks
+    /// - `/upload`: reads the whole body and replies with its length
+    /// - `/status/N`: replies with status N
+    /// - with `Upgrade: echo`: switches protocols and echoes bytes back
+    /// - anything else: `<name>` as the body, with `X-Backend: <name>` and
+    ///   `Connection: X-Private` + `X-Private: 1` + `Keep-Alive: timeout=5` to be stripped
+    pub fn start(name: &str) -> TestBackend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (name2, seen2, conns2) = (name.to_string(), seen.clone(), connections.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        conns2.fetch_add(1, Ordering::SeqCst);
+                        let (name, seen) = (name2.clone(), seen2.clone());
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| answer(name.clone(), seen.clone(), req));
+                            let _ = auto::Builder::new(TokioExecutor::new())
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        TestBackend {
+            addr,
+            name: name.to_string(),
+            seen,
+            connections,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn answer(name: String, seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        headers: req.headers().clone(),
+    });
+    let path = req.uri().path().to_string();
+    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .body(full(""))
+            .unwrap();
+        return Ok(resp);
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(1000))).await;
+    }
+    if path == "/big" {
+        let total = query(&req, "bytes").unwrap_or(1 << 20);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_stream(total, chunk);
+        return Ok(Response::new(stream));
+    }
+    if path == "/upload" {
+        let mut n = 0u64;
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        return Ok(Response::new(full(n.to_string())));
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        let mut resp = Response::new(full(format!("{name} says {code}")));
+        *resp.status_mut() = StatusCode::from_u16(code).unwrap();
+        return Ok(resp);
+    }
+    let resp = Response::builder()
+        .header("x-backend", &name)
+        .header("connection", "X-Private")
+        .header("x-private", "1")
+        .header("keep-alive", "timeout=5")
+        .body(full(name.clone()))
+        .unwrap();
+    Ok(resp)
+}
+
+/// A body of `total` bytes, sent in `chunk`-sized frames as the reader asks for them.
+fn futures_stream(total: u64, chunk: Bytes) -> Body {
+    Repeat { left: total, chunk }.boxed()
+}
+
+struct Repeat {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl http_body::Body for Repeat {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// The balancer, started in-process from YAML text. Dropping it shuts it down.
+pub struct Balancer {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    pub fn start(yaml: &str) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bascule.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = bascule::config::load(&path).unwrap_or_else(|e| panic!("bad test config:\n{e}\n{yaml}"));
+        let server = Server::start(config).unwrap();
+        let addr = server.listener_addrs()[0];
+        Balancer {
+            server: Some(server),
+            addr,
+            _dir: dir,
+        }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.server().admin_addr().unwrap()
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+            s.wait();
+        }
+    }
+}
+
+/// A YAML upstream backend list for these test backends.
+pub fn backend_list(backends: &[&TestBackend]) -> String {
+    backends
+        .iter()
+        .map(|b| format!("      - {}\n", b.addr))
+        .collect()
+}
+
+/// One listener on a free port routing everything to upstream `app`.
+pub fn simple_config(backends: &[&TestBackend]) -> String {
+    format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends:\n{}admin:\n  bind: 127.0.0.1:0\nworkers: 2\n",
+        backend_list(backends)
+    )
+}
+
+/// A reply as a test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and reads the reply (the
+/// request carries `Connection: close`). `extra` are raw header lines.
+pub fn http1(addr: SocketAddr, method: &str, path: &str, extra: &[&str]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in extra {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw)
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    http1(addr, "GET", path, &[])
+}
+
+/// Parses a raw HTTP/1.1 reply (Content-Length, chunked or read-to-close bodies).
+pub fn parse_reply(raw: &[u8]) -> Reply {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(raw).unwrap() {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => panic!("incomplete reply: {:?}", String::from_utf8_lossy(raw)),
+    };
+    let mut map = HeaderMap::new();
+    for h in resp.headers.iter() {
+        map.append(
+            http::header::HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+            http::HeaderValue::from_bytes(h.value).unwrap(),
+        );
+    }
+    let rest = &raw[n..];
+    let body = if map.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Reply {
+        status: resp.code.unwrap(),
+        headers: map,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Counts how many replies came from each backend, by the body they answer with.
+pub fn tally(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(get(addr, "/").body).or_insert(0) += 1;
+    }
+    counts
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bascule"))
+}

@@ -1,0 +1,206 @@
+//! Proxying through the real server: routing, headers, bodies, upgrades, h2c.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn routes_by_host_path_and_method_first_match_wins() {
+    let (api, wild, stat, def) = (
+        TestBackend::start("api"),
+        TestBackend::start("wild"),
+        TestBackend::start("static"),
+        TestBackend::start("default"),
+    );
+    let yaml = format!(
+        "listeners:
+  - bind: 127.0.0.1:0
+    routes:
+      - match: {{ host: api.example.com, path_prefix: /api, methods: [GET, HEAD] }}
+        upstream: api
+      - match: {{ host: '*.example.com' }}
+        upstream: wild
+      - match: {{ path_prefix: /static }}
+        upstream: static
+      - match: {{ host: only.example.org }}
+        upstream: default
+upstreams:
+  api: {{ backends: [{}] }}
+  wild: {{ backends: [{}] }}
+  static: {{ backends: [{}] }}
+  default: {{ backends: [{}] }}
+",
+        api.addr, wild.addr, stat.addr, def.addr
+    );
+    let lb = Balancer::start(&yaml);
+    let raw = |method: &str, host: &str, path: &str| {
+        let mut s = TcpStream::connect(lb.addr).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let r = parse_reply(&out);
+        (r.status, r.body)
+    };
+    assert_eq!(raw("GET", "API.example.com:8080", "/api/users"), (200, "api".into()));
+    assert_eq!(raw("POST", "api.example.com", "/api/users"), (200, "wild".into()));
+    assert_eq!(raw("GET", "www.example.com", "/static/x"), (200, "wild".into()));
+    assert_eq!(raw("GET", "example.com", "/static/x"), (200, "static".into()));
+    assert_eq!(raw("GET", "only.example.org", "/"), (200, "default".into()));
+    let (status, body) = raw("GET", "example.com", "/nothing");
+    assert_eq!(status, 404);
+    assert!(body.starts_with("404 Not Found"), "{body}");
+}
+
+#[test]
+fn forwarded_headers_are_added_and_hop_by_hop_stripped_both_ways() {
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    let r = http1(
+        lb.addr,
+        "GET",
+        "/h",
+        &[
+            "X-Forwarded-For: 203.0.113.9",
+            "X-Forwarded-Proto: https",
+            "Connection: X-Secret",
+            "X-Secret: do-not-forward",
+            "Keep-Alive: timeout=10",
+            "Proxy-Connection: keep-alive",
+            "TE: trailers",
+            "X-Kept: yes",
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let seen = b.requests().pop().unwrap();
+    let h = &seen.headers;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], lb.addr.to_string().as_str());
+    assert_eq!(h["host"], lb.addr.to_string().as_str());
+    assert_eq!(h["x-kept"], "yes");
+    for gone in ["x-secret", "keep-alive", "proxy-connection", "te"] {
+        assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
+    }
+    // The client's Connection: close must not reach the pooled backend connection.
+    assert!(h.get("connection").is_none_or(|v| v != "close"), "{h:?}");
+    // Response side: the backend's Connection-named and Keep-Alive fields are gone.
+    assert_eq!(r.headers["x-backend"], "a");
+    assert!(!r.headers.contains_key("x-private"), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("keep-alive"), "{:?}", r.headers);
+}
+
+#[test]
+fn backend_connections_are_reused_across_client_connections() {
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    for _ in 0..50 {
+        // Each client request arrives on its own connection with Connection: close.
+        assert_eq!(get(lb.addr, "/").status, 200);
+    }
+    let opened = b.connections.load(std::sync::atomic::Ordering::SeqCst);
+    // One pool per upstream shared by both workers: at most a connection or two per worker.
+    assert!(opened <= 4, "{opened} backend connections for 50 sequential requests");
+}
+
+#[test]
+fn large_bodies_stream_both_ways() {
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    let size: u64 = 64 << 20;
+    // Download.
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    write!(s, "GET /big?bytes={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert!(total > size && total < size + 1024, "read {total} bytes");
+    // Upload, chunked, without a length known in advance.
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    write!(s, "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    let chunk = vec![b'y'; 1 << 16];
+    for _ in 0..(size >> 16) {
+        write!(s, "{:x}\r\n", chunk.len()).unwrap();
+        s.write_all(&chunk).unwrap();
+        s.write_all(b"\r\n").unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let r = parse_reply(&out);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, size.to_string());
+}
+
+#[test]
+fn upgrade_is_tunnelled_both_ways() {
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let r = parse_reply(&head);
+    assert_eq!(r.status, 101);
+    assert_eq!(r.headers["upgrade"], "echo");
+    let seen = b.requests().pop().unwrap();
+    assert_eq!(seen.headers["upgrade"], "echo");
+    for msg in [&b"hello"[..], b"second message", &[0u8, 255, 10, 13]] {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+    // While the tunnel is open, the backend counts it in flight.
+    let status = http1(lb.admin(), "GET", "/status", &[]).body;
+    assert!(status.contains("\"active_requests\":1"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_reaches_an_http1_backend() {
+    let b = TestBackend::start("a");
+    let lb = tokio::task::spawn_blocking({
+        let yaml = simple_config(&[&b]);
+        move || Balancer::start(&yaml)
+    })
+    .await
+    .unwrap();
+    let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::get("http://h2.example.com:8443/path?q=1")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"a");
+    }
+    let seen = b.requests().pop().unwrap();
+    assert_eq!(seen.path, "/path");
+    assert_eq!(seen.headers["host"], "h2.example.com:8443");
+    assert_eq!(seen.headers["x-forwarded-host"], "h2.example.com:8443");
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
