@@ -52,7 +52,10 @@ async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Full<By
         path => format!("replica {name}: {} {path}\n", req.method()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
-    resp.headers_mut()
-        .insert("x-replica", name.parse().expect("a replica name is a valid header value"));
+    resp.headers_mut().insert(
+        "x-replica",
+        name.parse()
+            .expect("a replica name is a valid header value"),
+    );
     Ok(resp)
 }

@@ -22,7 +22,9 @@ impl AccessLogger {
         let out: Box<dyn Write + Send> = match config {
             AccessLog::Off => return Ok(None),
             AccessLog::Stderr => Box::new(io::stderr()),
-            AccessLog::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+            AccessLog::File(path) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
         };
         let (tx, rx) = mpsc::channel::<String>();
         std::thread::Builder::new()
@@ -79,7 +81,14 @@ impl RequestLine {
     }
 
     /// The finished line, newline included.
-    pub fn format(&self, status: u16, bytes: u64, upstream: &str, backend: &str, took: Duration) -> String {
+    pub fn format(
+        &self,
+        status: u16,
+        bytes: u64,
+        upstream: &str,
+        backend: &str,
+        took: Duration,
+    ) -> String {
         format!(
             "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}\n",
             self.client,
@@ -105,7 +114,10 @@ fn clf_time(t: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;

@@ -21,7 +21,10 @@ use crate::metrics as m;
 use crate::state::{Snapshot, State};
 
 pub fn run(socket: std::net::TcpListener, state: Arc<State>, shutdown: CancellationToken) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return tracing::error!("cannot start the admin runtime: {e}"),
     };
@@ -70,10 +73,16 @@ pub fn run(socket: std::net::TcpListener, state: Arc<State>, shutdown: Cancellat
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(path, "/status" | "/metrics") {
-        return text(StatusCode::NOT_FOUND, "404 Not Found: try /status or /metrics\n".into());
+        return text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: try /status or /metrics\n".into(),
+        );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: use GET\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed: use GET\n".into(),
+        );
     }
     let snapshot = state.load_full();
     let (body, content_type) = if path == "/status" {
@@ -90,8 +99,10 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -113,7 +124,10 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                     })
                 })
                 .collect();
-            (u.name.clone(), json!({ "balance": u.balance.name(), "backends": backends }))
+            (
+                u.name.clone(),
+                json!({ "balance": u.balance.name(), "backends": backends }),
+            )
         })
         .collect();
     let listeners: Vec<_> = snapshot
@@ -129,7 +143,8 @@ fn metrics(snapshot: &Snapshot) -> String {
     for u in &snapshot.upstreams {
         for b in &u.backends {
             let labels = [("upstream", u.name.clone()), ("backend", b.address.clone())];
-            metrics::gauge!(m::BACKEND_HEALTHY, &labels).set(f64::from(u8::from(b.state.is_healthy())));
+            metrics::gauge!(m::BACKEND_HEALTHY, &labels)
+                .set(f64::from(u8::from(b.state.is_healthy())));
             metrics::gauge!(m::BACKEND_ACTIVE, &labels).set(b.state.active_requests() as f64);
         }
     }

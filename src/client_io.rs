@@ -93,7 +93,11 @@ impl<S> ClientIo<S> {
 }
 
 impl<S: AsyncRead> AsyncRead for ClientIo<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         let started = this.activity.started.load(Ordering::Relaxed);
         let idle = this.activity.is_idle();
@@ -108,7 +112,9 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
             Poll::Ready(r) => {
                 let got = &buf.filled()[before..];
                 if !got.is_empty() {
-                    let http2 = *this.http2.get_or_insert_with(|| got.starts_with(b"PRI * HTTP/2.0"));
+                    let http2 = *this
+                        .http2
+                        .get_or_insert_with(|| got.starts_with(b"PRI * HTTP/2.0"));
                     if idle && !http2 && this.head_started.is_none() {
                         *this.head_started = Some(Instant::now());
                     }
@@ -144,7 +150,11 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
 }
 
 impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 

@@ -20,7 +20,8 @@ pub const CONFIG_RELOADS: &str = "bascule_config_reloads_total";
 pub const NONE: &str = "none";
 
 const DURATION_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -60,7 +61,9 @@ impl RequestCounters {
         RequestCounters {
             upstream: upstream.to_string(),
             backend: backend.to_string(),
-            by_status: (FIRST_STATUS..=LAST_STATUS).map(|_| OnceLock::new()).collect(),
+            by_status: (FIRST_STATUS..=LAST_STATUS)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 

@@ -45,7 +45,9 @@ impl Router {
             .find(|r| {
                 r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
                     && (r.methods.is_empty() || r.methods.contains(method))
-                    && r.host.as_ref().is_none_or(|m| host.is_some_and(|h| host_matches(m, h)))
+                    && r.host
+                        .as_ref()
+                        .is_none_or(|m| host.is_some_and(|h| host_matches(m, h)))
             })
             .map(|r| r.upstream)
     }
@@ -76,7 +78,12 @@ fn host_matches(m: &HostMatch, host: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn route(host: Option<&str>, prefix: Option<&str>, methods: &[Method], upstream: &str) -> RouteConfig {
+    fn route(
+        host: Option<&str>,
+        prefix: Option<&str>,
+        methods: &[Method],
+        upstream: &str,
+    ) -> RouteConfig {
         RouteConfig {
             host: host.map(|h| match h.strip_prefix('*') {
                 Some(s) => HostMatch::Suffix(s.to_string()),
@@ -90,7 +97,12 @@ mod tests {
 
     fn router() -> Router {
         let routes = [
-            route(Some("api.example.com"), Some("/api"), &[Method::GET, Method::HEAD], "0"),
+            route(
+                Some("api.example.com"),
+                Some("/api"),
+                &[Method::GET, Method::HEAD],
+                "0",
+            ),
             route(Some("*.example.com"), None, &[], "1"),
             route(None, Some("/static"), &[], "2"),
         ];
@@ -100,11 +112,26 @@ mod tests {
     #[test]
     fn first_match_wins_and_every_condition_holds() {
         let r = router();
-        assert_eq!(r.route(Some("api.example.com"), "/api/x", &Method::GET), Some(0));
-        assert_eq!(r.route(Some("API.Example.COM:8443"), "/api", &Method::HEAD), Some(0));
-        assert_eq!(r.route(Some("api.example.com"), "/api/x", &Method::POST), Some(1));
-        assert_eq!(r.route(Some("api.example.com"), "/other", &Method::GET), Some(1));
-        assert_eq!(r.route(Some("other.org"), "/static/a.css", &Method::GET), Some(2));
+        assert_eq!(
+            r.route(Some("api.example.com"), "/api/x", &Method::GET),
+            Some(0)
+        );
+        assert_eq!(
+            r.route(Some("API.Example.COM:8443"), "/api", &Method::HEAD),
+            Some(0)
+        );
+        assert_eq!(
+            r.route(Some("api.example.com"), "/api/x", &Method::POST),
+            Some(1)
+        );
+        assert_eq!(
+            r.route(Some("api.example.com"), "/other", &Method::GET),
+            Some(1)
+        );
+        assert_eq!(
+            r.route(Some("other.org"), "/static/a.css", &Method::GET),
+            Some(2)
+        );
         assert_eq!(r.route(Some("other.org"), "/", &Method::GET), None);
         assert_eq!(r.route(None, "/api", &Method::GET), None);
     }
@@ -115,7 +142,10 @@ mod tests {
         assert_eq!(r.route(Some("a.b.example.com"), "/", &Method::GET), Some(1));
         assert_eq!(r.route(Some("example.com"), "/", &Method::GET), None);
         assert_eq!(r.route(Some("badexample.com"), "/", &Method::GET), None);
-        assert_eq!(r.route(Some("www.example.com."), "/", &Method::GET), Some(1));
+        assert_eq!(
+            r.route(Some("www.example.com."), "/", &Method::GET),
+            Some(1)
+        );
     }
 
     #[test]

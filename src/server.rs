@@ -61,9 +61,9 @@ impl Server {
     /// Binds every listener and the admin endpoint, then starts the workers.
     /// Nothing is started if any bind fails.
     pub fn start(config: Config) -> Result<Server, StartError> {
-        let workers = config.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        });
+        let workers = config
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let access_log = AccessLogger::start(&config.access_log).map_err(StartError::AccessLog)?;
 
         let mut per_worker: Vec<Vec<Bound>> = (0..workers).map(|_| Vec::new()).collect();
@@ -79,18 +79,24 @@ impl Server {
             for worker in per_worker.iter_mut() {
                 let socket = bind_reuseport(addr).map_err(bind_err)?;
                 addr = socket.local_addr().map_err(bind_err)?;
-                worker.push(Bound { key: l.bind, socket });
+                worker.push(Bound {
+                    key: l.bind,
+                    socket,
+                });
             }
             listeners.push(addr);
         }
-        let admin_socket = match &config.admin {
-            Some(a) => Some(std::net::TcpListener::bind(a.bind).map_err(|source| StartError::Bind {
-                name: "admin".into(),
-                addr: a.bind,
-                source,
-            })?),
-            None => None,
-        };
+        let admin_socket =
+            match &config.admin {
+                Some(a) => Some(std::net::TcpListener::bind(a.bind).map_err(|source| {
+                    StartError::Bind {
+                        name: "admin".into(),
+                        addr: a.bind,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
 
         let state = Arc::new(State::new(Snapshot::build(Arc::new(config), None)));
@@ -179,7 +185,10 @@ struct Worker {
 
 impl Worker {
     fn run(self, sockets: Vec<Bound>) {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!("cannot start a worker runtime: {e}");
@@ -193,7 +202,11 @@ impl Worker {
             for bound in sockets {
                 match TcpListener::from_std(bound.socket) {
                     Ok(listener) => {
-                        tokio::spawn(worker.clone().accept(listener, bound.key, connections.clone()));
+                        tokio::spawn(worker.clone().accept(
+                            listener,
+                            bound.key,
+                            connections.clone(),
+                        ));
                     }
                     Err(e) => tracing::error!("cannot use the socket for {}: {e}", bound.key),
                 }
@@ -201,7 +214,10 @@ impl Worker {
             worker.shutdown.cancelled().await;
             connections.close();
             let grace = worker.state.load().config.shutdown_timeout;
-            if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+            if tokio::time::timeout(grace, connections.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!(
                     "shutdown_timeout ({}) passed with {} connections open: closing them",
                     humantime::format_duration(grace),
@@ -211,7 +227,12 @@ impl Worker {
         });
     }
 
-    async fn accept(self: Arc<Self>, listener: TcpListener, key: SocketAddr, connections: TaskTracker) {
+    async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        key: SocketAddr,
+        connections: TaskTracker,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -232,7 +253,13 @@ impl Worker {
         }
     }
 
-    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, key: SocketAddr, tunnels: TaskTracker) {
+    async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        key: SocketAddr,
+        tunnels: TaskTracker,
+    ) {
         let Some(listener) = self.state.load().listener(key).map(|l| l.config.clone()) else {
             return; // the listener was removed by a reload after this connection was accepted
         };
@@ -311,7 +338,8 @@ impl Server {
         if binds(&current.config) != binds(&config) {
             return Err(ReloadError::Binds);
         }
-        self.state.store(Snapshot::build(Arc::new(config), Some(&current)));
+        self.state
+            .store(Snapshot::build(Arc::new(config), Some(&current)));
         Ok(())
     }
 }

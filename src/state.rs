@@ -37,7 +37,12 @@ impl Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(build_upstream(u, previous.and_then(|p| p.upstream(&u.name)))))
+            .map(|u| {
+                Arc::new(build_upstream(
+                    u,
+                    previous.and_then(|p| p.upstream(&u.name)),
+                ))
+            })
             .collect();
         let index = |name: &str| {
             upstreams
@@ -83,7 +88,9 @@ fn build_upstream(config: &UpstreamConfig, previous: Option<&Arc<Upstream>>) -> 
         })
         .collect();
     let client = match previous {
-        Some(p) if p.pool_settings == (config.connect_timeout, config.idle_timeout) => p.client.clone(),
+        Some(p) if p.pool_settings == (config.connect_timeout, config.idle_timeout) => {
+            p.client.clone()
+        }
         _ => client::new(config.connect_timeout, config.idle_timeout),
     };
     Upstream::new(config, backends, client)

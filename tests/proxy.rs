@@ -39,16 +39,32 @@ upstreams:
     let lb = Balancer::start(&yaml);
     let raw = |method: &str, host: &str, path: &str| {
         let mut s = TcpStream::connect(lb.addr).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).unwrap();
         let r = parse_reply(&out);
         (r.status, r.body)
     };
-    assert_eq!(raw("GET", "API.example.com:8080", "/api/users"), (200, "api".into()));
-    assert_eq!(raw("POST", "api.example.com", "/api/users"), (200, "wild".into()));
-    assert_eq!(raw("GET", "www.example.com", "/static/x"), (200, "wild".into()));
-    assert_eq!(raw("GET", "example.com", "/static/x"), (200, "static".into()));
+    assert_eq!(
+        raw("GET", "API.example.com:8080", "/api/users"),
+        (200, "api".into())
+    );
+    assert_eq!(
+        raw("POST", "api.example.com", "/api/users"),
+        (200, "wild".into())
+    );
+    assert_eq!(
+        raw("GET", "www.example.com", "/static/x"),
+        (200, "wild".into())
+    );
+    assert_eq!(
+        raw("GET", "example.com", "/static/x"),
+        (200, "static".into())
+    );
     assert_eq!(raw("GET", "only.example.org", "/"), (200, "default".into()));
     let (status, body) = raw("GET", "example.com", "/nothing");
     assert_eq!(status, 404);
@@ -103,7 +119,10 @@ fn backend_connections_are_reused_across_client_connections() {
     }
     let opened = b.connections.load(std::sync::atomic::Ordering::SeqCst);
     // One pool per upstream shared by both workers: at most a connection or two per worker.
-    assert!(opened <= 4, "{opened} backend connections for 50 sequential requests");
+    assert!(
+        opened <= 4,
+        "{opened} backend connections for 50 sequential requests"
+    );
 }
 
 #[test]
@@ -113,7 +132,11 @@ fn large_bodies_stream_both_ways() {
     let size: u64 = 64 << 20;
     // Download.
     let mut s = TcpStream::connect(lb.addr).unwrap();
-    write!(s, "GET /big?bytes={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /big?bytes={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut total = 0u64;
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -147,7 +170,11 @@ fn upgrade_is_tunnelled_both_ways() {
     let lb = Balancer::start(&simple_config(&[&b]));
     let mut s = TcpStream::connect(lb.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )
+    .unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

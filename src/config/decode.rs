@@ -31,7 +31,8 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     match config {
         Some(c) if d.problems.is_empty() => Ok(c),
         _ => {
-            d.problems.sort_by_key(|p| p.pos.map(|p| (p.line, p.column)));
+            d.problems
+                .sort_by_key(|p| p.pos.map(|p| (p.line, p.column)));
             Err(d.problems)
         }
     }
@@ -128,7 +129,12 @@ impl Decoder<'_> {
         }
     }
 
-    fn required<'n>(&mut self, f: &mut Fields<'n>, key: &'static str, pos: Pos) -> Option<(&'n Node, String)> {
+    fn required<'n>(
+        &mut self,
+        f: &mut Fields<'n>,
+        key: &'static str,
+        pos: Pos,
+    ) -> Option<(&'n Node, String)> {
         let found = f.get(key);
         if found.is_none() {
             self.problem(Some(pos), &join(&f.path, key), "missing (required)");
@@ -230,7 +236,9 @@ impl Decoder<'_> {
         let mut f = self.fields(root, "")?;
         let upstreams_node = self.required(&mut f, "upstreams", root.pos);
         // Routes are checked against the names even when an upstream has other problems.
-        let names: Option<Vec<String>> = upstreams_node.as_ref().and_then(|(node, _)| match &node.value {
+        let names: Option<Vec<String>> = upstreams_node.as_ref().and_then(|(node, _)| match &node
+            .value
+        {
             Value::Map(entries) => Some(
                 entries
                     .iter()
@@ -251,8 +259,12 @@ impl Decoder<'_> {
             Some((node, path)) => self.admin(node, &path).map(Some),
             None => Some(None),
         };
-        let shutdown_timeout =
-            self.optional(&mut f, "shutdown_timeout", Duration::from_secs(30), Self::duration);
+        let shutdown_timeout = self.optional(
+            &mut f,
+            "shutdown_timeout",
+            Duration::from_secs(30),
+            Self::duration,
+        );
         let access_log = self.optional(&mut f, "access_log", AccessLog::Off, Self::access_log);
         let workers = self.optional(&mut f, "workers", None, |d, n, p| {
             d.integer(n, p, 1, 1024).map(|n| Some(n as usize))
@@ -328,9 +340,18 @@ impl Decoder<'_> {
         );
         if let Some((n, p)) = f.get("timeouts") {
             if let Some(mut t) = self.fields(n, &p) {
-                connect = self.optional(&mut t, "connect", connect.unwrap_or_default(), Self::duration);
-                response =
-                    self.optional(&mut t, "response", response.unwrap_or_default(), Self::duration);
+                connect = self.optional(
+                    &mut t,
+                    "connect",
+                    connect.unwrap_or_default(),
+                    Self::duration,
+                );
+                response = self.optional(
+                    &mut t,
+                    "response",
+                    response.unwrap_or_default(),
+                    Self::duration,
+                );
                 idle = self.optional(&mut t, "idle", idle.unwrap_or_default(), Self::duration);
                 self.finish(t);
             }
@@ -358,7 +379,11 @@ impl Decoder<'_> {
             let path = format!("{path}[{i}]");
             match self.backend(item, &path) {
                 Some(b) if out.iter().any(|o: &BackendConfig| o.addr == b.addr) => {
-                    self.problem(Some(item.pos), &path, format!("{} is listed twice", b.address));
+                    self.problem(
+                        Some(item.pos),
+                        &path,
+                        format!("{} is listed twice", b.address),
+                    );
                     ok = false;
                 }
                 Some(b) => out.push(b),
@@ -379,7 +404,8 @@ impl Decoder<'_> {
         }
         let mut f = self.fields(node, path)?;
         let address = self.required(&mut f, "address", node.pos);
-        let address = address.and_then(|(n, p)| Some((self.string(n, &p)?, self.socket_addr(n, &p)?)));
+        let address =
+            address.and_then(|(n, p)| Some((self.string(n, &p)?, self.socket_addr(n, &p)?)));
         let weight = self.optional(&mut f, "weight", 1, |d, n, p| {
             d.integer(n, p, 1, MAX_WEIGHT.into()).map(|w| w as u32)
         });
@@ -438,15 +464,18 @@ impl Decoder<'_> {
             .required(&mut f, "routes", node.pos)
             .and_then(|(n, p)| self.routes(n, &p, upstreams));
         let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
-            // hyper's HTTP/1 reader needs at least 8 KiB of buffer.
-            d.integer(n, p, 8192, 1 << 20).map(|v| v as usize)
+            d.integer(n, p, 1024, 1 << 20).map(|v| v as usize)
         });
         let (mut header_read, mut keepalive) =
             (Some(Duration::from_secs(10)), Some(Duration::from_secs(60)));
         if let Some((n, p)) = f.get("timeouts") {
             if let Some(mut t) = self.fields(n, &p) {
-                header_read =
-                    self.optional(&mut t, "header_read", Duration::from_secs(10), Self::duration);
+                header_read = self.optional(
+                    &mut t,
+                    "header_read",
+                    Duration::from_secs(10),
+                    Self::duration,
+                );
                 keepalive =
                     self.optional(&mut t, "keepalive", Duration::from_secs(60), Self::duration);
                 self.finish(t);
@@ -622,16 +651,31 @@ mod tests {
         let text = format!("{MINIMAL}    health_check: {{ path: / }}\n");
         let p = problems(&text);
         assert_eq!(p.len(), 1);
-        assert!(p[0].contains("upstreams.app.health_check: unknown key"), "{p:?}");
+        assert!(
+            p[0].contains("upstreams.app.health_check: unknown key"),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn duplicate_upstream_and_bind_and_empty_backends() {
         let text = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: a}]\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: a}]\nupstreams:\n  a:\n    backends: []\n  a:\n    backends: [127.0.0.1:1]\n";
         let p = problems(text);
-        assert!(p.iter().any(|p| p.contains("upstreams.a: duplicate key")), "{p:?}");
-        assert!(p.iter().any(|p| p.contains("listeners[1].bind: 127.0.0.1:8080 is bound by an earlier listener")), "{p:?}");
-        assert!(p.iter().any(|p| p.contains("upstreams.a.backends: at least one backend is needed")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains("upstreams.a: duplicate key")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p
+                    .contains("listeners[1].bind: 127.0.0.1:8080 is bound by an earlier listener")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.contains("upstreams.a.backends: at least one backend is needed")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -73,12 +73,10 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = TreeBuilder::default();
     let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut builder, false)
-        .map_err(|e| SyntaxError {
-            pos: Pos::from(*e.marker()),
-            message: e.info().to_string(),
-        })?;
+    parser.load(&mut builder, false).map_err(|e| SyntaxError {
+        pos: Pos::from(*e.marker()),
+        message: e.info().to_string(),
+    })?;
     if let Some(message) = builder.error {
         return Err(SyntaxError {
             pos: builder.error_pos,

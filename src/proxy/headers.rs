@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn upgrade_needs_both_fields() {
-        let h = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
         assert!(upgrade_protocol(&map(&[("upgrade", "websocket")])).is_none());
     }

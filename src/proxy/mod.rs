@@ -43,16 +43,22 @@ pub struct ConnContext {
 
 impl ConnContext {
     pub fn client_ip_header(peer: SocketAddr) -> HeaderValue {
-        HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+        HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value")
     }
 }
 
 /// Serves one request. Never fails: every failure becomes a reply with a status.
-pub async fn serve(cx: Arc<ConnContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-    let log = cx
-        .access_log
-        .as_ref()
-        .map(|l| (l.clone(), Box::new(RequestLine::capture(&req, cx.peer.ip()))));
+pub async fn serve(
+    cx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let log = cx.access_log.as_ref().map(|l| {
+        (
+            l.clone(),
+            Box::new(RequestLine::capture(&req, cx.peer.ip())),
+        )
+    });
     let mut ex = Exchange::new(cx.activity.begin(), log);
     let snapshot = cx.state.load();
     match forward(&cx, &snapshot, req, &mut ex).await {
@@ -61,9 +67,15 @@ pub async fn serve(cx: Arc<ConnContext>, req: Request<Incoming>) -> Result<Respo
             Ok(resp.map(|body| ProxyBody::backend(body, ex)))
         }
         Err(e) => {
-            let backend = ex.upstream.as_ref().zip(ex.backend).map(|(u, b)| &u.backends[b].address);
+            let backend = ex
+                .upstream
+                .as_ref()
+                .zip(ex.backend)
+                .map(|(u, b)| &u.backends[b].address);
             match e {
-                ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => tracing::debug!(peer = %cx.peer, "{e}"),
+                ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => {
+                    tracing::debug!(peer = %cx.peer, "{e}")
+                }
                 _ => tracing::warn!(
                     upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
                     backend = backend.map(String::as_str),
@@ -81,8 +93,10 @@ fn reply(e: ProxyError, mut ex: Exchange) -> Response<ProxyBody> {
     ex.status = status.as_u16();
     let mut resp = Response::new(ProxyBody::local(Bytes::from(e.body()), Some(ex)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -93,7 +107,9 @@ async fn forward(
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
     if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
-        return Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"));
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
     }
     let listener = snapshot.listener(cx.listener).ok_or(ProxyError::NoRoute)?;
     if head_size(&req) > listener.config.max_header_bytes {
@@ -107,7 +123,10 @@ async fn forward(
         .router
         .route(host, req.uri().path(), req.method())
         .ok_or(ProxyError::NoRoute)?;
-    let upstream = ex.upstream.insert(snapshot.upstreams[index].clone()).clone();
+    let upstream = ex
+        .upstream
+        .insert(snapshot.upstreams[index].clone())
+        .clone();
     let chosen = upstream.pick_index().ok_or(ProxyError::NoBackend)?;
     ex.backend = Some(chosen);
     let backend = &upstream.backends[chosen];
@@ -139,7 +158,8 @@ async fn forward(
     if target.path_and_query.is_none() {
         target.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    parts.uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    parts.uri =
+        Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("unusable request target"))?;
     parts.version = Version::HTTP_11;
 
     let sent = upstream.client.request(Request::from_parts(parts, body));
@@ -154,8 +174,10 @@ async fn forward(
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let (Some(client_upgrade), Some(protocol)) = (client_upgrade, resp.headers().get(http::header::UPGRADE).cloned())
-        else {
+        let (Some(client_upgrade), Some(protocol)) = (
+            client_upgrade,
+            resp.headers().get(http::header::UPGRADE).cloned(),
+        ) else {
             // A switch nobody asked for cannot be carried to the client.
             return Err(ProxyError::Broken);
         };
@@ -163,7 +185,8 @@ async fn forward(
         headers::strip_hop_by_hop(resp.headers_mut());
         headers::set_upgrade(resp.headers_mut(), protocol);
         let in_flight = ex.in_flight.take();
-        cx.tunnels.spawn(tunnel(client_upgrade, backend_upgrade, in_flight));
+        cx.tunnels
+            .spawn(tunnel(client_upgrade, backend_upgrade, in_flight));
         return Ok(resp);
     }
     headers::strip_hop_by_hop(resp.headers_mut());
@@ -176,16 +199,18 @@ async fn forward(
 /// limit is set above ours, so that heads between the two reach `forward` and
 /// get bascule's 431 with a body; only grossly oversized heads meet hyper's.
 pub fn head_limit(max_header_bytes: usize) -> usize {
-    max_header_bytes.saturating_mul(2).max(max_header_bytes + 8192)
+    max_header_bytes
+        .saturating_mul(2)
+        .max(max_header_bytes + 8192)
 }
 
 /// The size of a request head as HTTP/1.1 would write it.
 fn head_size<B>(req: &Request<B>) -> usize {
     let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
     let line = req.method().as_str().len() + target + 11;
-    req.headers()
-        .iter()
-        .fold(line, |n, (name, value)| n + name.as_str().len() + value.len() + 4)
+    req.headers().iter().fold(line, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either side closes.

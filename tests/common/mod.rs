@@ -66,11 +66,14 @@ impl TestBackend {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let accept = async {
                     loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
                         conns2.fetch_add(1, Ordering::SeqCst);
                         let (name, seen) = (name2.clone(), seen2.clone());
                         tokio::spawn(async move {
-                            let svc = service_fn(move |req| answer(name.clone(), seen.clone(), req));
+                            let svc =
+                                service_fn(move |req| answer(name.clone(), seen.clone(), req));
                             let _ = auto::Builder::new(TokioExecutor::new())
                                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                                 .await;
@@ -111,7 +114,9 @@ impl Drop for TestBackend {
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
@@ -121,7 +126,11 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn answer(name: String, seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
@@ -165,7 +174,11 @@ async fn answer(name: String, seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Inco
         }
         return Ok(Response::new(full(n.to_string())));
     }
-    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+    if let Some(code) = path
+        .split("/status/")
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         let mut resp = Response::new(full(format!("{name} says {code}")));
         *resp.status_mut() = StatusCode::from_u16(code).unwrap();
         return Ok(resp);
@@ -223,7 +236,8 @@ impl Balancer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bascule.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let config = bascule::config::load(&path).unwrap_or_else(|e| panic!("bad test config:\n{e}\n{yaml}"));
+        let config = bascule::config::load(&path)
+            .unwrap_or_else(|e| panic!("bad test config:\n{e}\n{yaml}"));
         let server = Server::start(config).unwrap();
         let addr = server.listener_addrs()[0];
         Balancer {
@@ -327,8 +341,11 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else { return out };
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             return out;
         }
@@ -358,3 +375,115 @@ pub fn tally(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bascule"))
 }
+
+/// The real `bascule` binary running a config file; killed on drop if still running.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addrs: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub config: PathBuf,
+    pub log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts the binary and waits until it logs its bound addresses.
+    pub fn start(yaml: &str) -> Process {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bascule.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut child = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                log2.lock().unwrap().push_str(&line);
+                log2.lock().unwrap().push('\n');
+                let _ = tx.send(line);
+            }
+        });
+        let listeners = yaml.matches("  - bind:").count();
+        let wants_admin = yaml.contains("admin:");
+        let (mut addrs, mut admin) = (Vec::new(), None);
+        while addrs.len() < listeners || (wants_admin && admin.is_none()) {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("bascule did not start:\n{}", log.lock().unwrap()));
+            if let Some(rest) = line.split("admin listening on ").nth(1) {
+                admin = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+            } else if let Some(rest) = line.split("listening on ").nth(1) {
+                addrs.push(rest.split_whitespace().next().unwrap().parse().unwrap());
+            }
+        }
+        Process {
+            child,
+            addrs,
+            admin,
+            config,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        assert_eq!(unsafe_free_kill(self.child.id(), sig), 0);
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "bascule did not exit:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kill(2)` through the `kill` command, keeping the tests free of unsafe code.
+fn unsafe_free_kill(pid: u32, sig: i32) -> i32 {
+    std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.code().unwrap_or(1))
+        .unwrap_or(1)
+}
+
+pub const SIGHUP: i32 = 1;
+pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;

@@ -1,0 +1,202 @@
+//! The command line: check, version, exit codes, signals.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn check(yaml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let file = path.display().to_string();
+    let strip = |b: &[u8]| String::from_utf8_lossy(b).replace(&file, "FILE");
+    (
+        out.status.code().unwrap(),
+        strip(&out.stdout),
+        strip(&out.stderr),
+    )
+}
+
+#[test]
+fn check_accepts_a_good_file() {
+    let (code, out, _) = check("listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n");
+    assert_eq!(code, 0);
+    assert_eq!(out, "FILE: ok\n");
+}
+
+#[test]
+fn check_reports_every_problem_with_its_position() {
+    let yaml = "\
+listeners:
+  - bind: 127.0.0.1:8080
+    routes:
+      - upstream: ap
+upstreams:
+  app:
+    balance: round_robin
+    backends:
+      - 127.0.0.1:9001
+      - { address: 127.0.0.1:9002, weight: 0 }
+    timeout: { connect: 1s }
+";
+    let (code, out, err) = check(yaml);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        "FILE:4:19: listeners[0].routes[0].upstream: no upstream named `ap` (known: app)\n\
+         FILE:10:44: upstreams.app.backends[1].weight: `0` is not a whole number in the range 1 to 1000\n\
+         FILE:11:5: upstreams.app.timeout: unknown key (expected one of: backends, balance, timeouts)\n"
+    );
+}
+
+#[test]
+fn check_reports_syntax_errors_and_missing_files() {
+    let (code, _, err) = check("listeners: [\n  - bind\n");
+    assert_eq!(code, 1);
+    assert!(err.starts_with("FILE:"), "{err}");
+    assert!(err.contains("YAML syntax"), "{err}");
+    let out = Command::new(bin())
+        .args(["check", "--config", "/nonexistent/b.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .starts_with("/nonexistent/b.yaml: cannot read the file"));
+}
+
+#[test]
+fn version_help_and_bad_command_lines() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("bascule "));
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("check"));
+    assert_eq!(
+        Command::new(bin())
+            .arg("--frobnicate")
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(Command::new(bin()).output().unwrap().status.code(), Some(2));
+}
+
+#[test]
+fn bad_config_or_taken_port_at_start_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.yaml");
+    std::fs::write(&path, "listeners: []\n").unwrap();
+    let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &path,
+        format!("listeners:\n  - bind: 127.0.0.1:{port}\n    routes: [{{upstream: a}}]\nupstreams:\n  a: {{ backends: [127.0.0.1:1] }}\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let b = TestBackend::start("a");
+    let mut p = Process::start(&simple_config(&[&b]));
+    let addr = p.addrs[0];
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the backend to get the request",
+        || !b.requests().is_empty(),
+    );
+    p.signal(SIGTERM);
+    // New connections are refused once the listeners close.
+    wait_until(Duration::from_secs(10), "the listener to close", || {
+        TcpStream::connect(addr).is_err()
+    });
+    let mut head = [0u8; 15];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK");
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+}
+
+#[test]
+fn sigterm_waits_for_open_tunnels_up_to_shutdown_timeout() {
+    let b = TestBackend::start("a");
+    let yaml = simple_config(&[&b]) + "shutdown_timeout: 1s\n";
+    let mut p = Process::start(&yaml);
+    let mut s = TcpStream::connect(p.addrs[0]).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let started = std::time::Instant::now();
+    p.signal(SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+    // The tunnel was waited for, until shutdown_timeout cut it.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(p
+        .log
+        .lock()
+        .unwrap()
+        .contains("shutdown_timeout (1s) passed"));
+}
+
+#[test]
+fn sighup_applies_a_valid_file_and_keeps_the_old_one_otherwise() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let p = Process::start(&simple_config(&[&a]));
+    let addr = p.addrs[0];
+    assert_eq!(get(addr, "/").body, "a");
+    let yaml = simple_config(&[&b]);
+    std::fs::write(&p.config, yaml).unwrap();
+    p.signal(SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload", || {
+        get(addr, "/").body == "b"
+    });
+    std::fs::write(&p.config, "listeners: [oops\n").unwrap();
+    p.signal(SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        "the failed reload to be logged",
+        || p.log.lock().unwrap().contains("reload failed"),
+    );
+    assert_eq!(get(addr, "/").body, "b");
+    let metrics = get(p.admin.unwrap(), "/metrics").body;
+    assert!(
+        metrics.contains("bascule_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bascule_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+}
