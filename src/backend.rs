@@ -13,6 +13,7 @@ use http::uri::Authority;
 
 use crate::config::BackendConfig;
 use crate::metrics::RequestCounters;
+use crate::proxy::pool::Pool;
 
 /// Mutable facts about a backend, shared by every thread and kept across reloads.
 #[derive(Debug)]
@@ -72,11 +73,18 @@ pub struct Backend {
     /// `addr` as a URI authority, made once so requests need not format it.
     pub authority: Authority,
     pub state: Arc<BackendState>,
+    /// Keep-alive connections to this backend; kept across reloads like `state`.
+    pub pool: Arc<Pool>,
     pub requests: RequestCounters,
 }
 
 impl Backend {
-    pub fn new(upstream: &str, config: &BackendConfig, state: Arc<BackendState>) -> Self {
+    pub fn new(
+        upstream: &str,
+        config: &BackendConfig,
+        state: Arc<BackendState>,
+        pool: Arc<Pool>,
+    ) -> Self {
         let authority = Authority::try_from(config.addr.to_string())
             .expect("a socket address is a valid authority");
         Backend {
@@ -85,6 +93,7 @@ impl Backend {
             weight: config.weight,
             authority,
             state,
+            pool,
             requests: RequestCounters::new(upstream, &config.address),
         }
     }

@@ -15,6 +15,7 @@ pub const REQUEST_DURATION: &str = "bascule_request_duration_seconds";
 pub const BACKEND_HEALTHY: &str = "bascule_backend_healthy";
 pub const BACKEND_ACTIVE: &str = "bascule_backend_active_requests";
 pub const CONFIG_RELOADS: &str = "bascule_config_reloads_total";
+pub const CONNECTIONS_OPENED: &str = "bascule_backend_connections_opened_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -83,6 +84,12 @@ impl RequestCounters {
 pub fn request_duration(upstream: &str) -> Histogram {
     handle();
     metrics::histogram!(REQUEST_DURATION, "upstream" => upstream.to_string())
+}
+
+/// New TCP connections opened to a backend: with `bascule_requests_total`, it shows connection reuse.
+pub fn connections_opened(upstream: &str, backend: &str) -> Counter {
+    handle();
+    metrics::counter!(CONNECTIONS_OPENED, "upstream" => upstream.to_string(), "backend" => backend.to_string())
 }
 
 pub fn config_reload(success: bool) {

@@ -61,9 +61,7 @@ impl Server {
     /// Binds every listener and the admin endpoint, then starts the workers.
     /// Nothing is started if any bind fails.
     pub fn start(config: Config) -> Result<Server, StartError> {
-        let workers = config
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let workers = config.worker_count();
         let access_log = AccessLogger::start(&config.access_log).map_err(StartError::AccessLog)?;
 
         let mut per_worker: Vec<Vec<Bound>> = (0..workers).map(|_| Vec::new()).collect();
@@ -110,7 +108,7 @@ impl Server {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || worker.run(sockets))
+                .spawn(move || worker.run(i, sockets))
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
@@ -164,6 +162,19 @@ impl Server {
     }
 }
 
+/// Closes this worker's pooled backend connections once they pass their idle timeout.
+async fn purge_idle_connections(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for upstream in &state.load().upstreams {
+            for backend in &upstream.backends {
+                backend.pool.purge_idle();
+            }
+        }
+    }
+}
+
 fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -184,7 +195,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, sockets: Vec<Bound>) {
+    fn run(self, index: usize, sockets: Vec<Bound>) {
+        crate::proxy::pool::set_worker(index);
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -211,6 +223,7 @@ impl Worker {
                     Err(e) => tracing::error!("cannot use the socket for {}: {e}", bound.key),
                 }
             }
+            tokio::spawn(purge_idle_connections(worker.state.clone()));
             worker.shutdown.cancelled().await;
             connections.close();
             let grace = worker.state.load().config.shutdown_timeout;

@@ -4,8 +4,8 @@
 //! A request does one `State::load()` and works on that snapshot to its end, so
 //! a reload never changes the rules under a request in flight. A new snapshot is
 //! built aside from the old one, taking over the runtime state of every backend
-//! whose (upstream, address) stays and the connection pool of every upstream
-//! whose pool settings stay.
+//! whose (upstream, address) stays, and its connection pool too when the
+//! upstream's connect and idle timeouts stay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use arc_swap::{ArcSwap, Guard};
 
 use crate::backend::{Backend, BackendState};
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
-use crate::proxy::client;
+use crate::metrics as m;
+use crate::proxy::pool::Pool;
 use crate::router::Router;
 use crate::upstream::Upstream;
 
@@ -40,6 +41,7 @@ impl Snapshot {
             .map(|u| {
                 Arc::new(build_upstream(
                     u,
+                    config.worker_count(),
                     previous.and_then(|p| p.upstream(&u.name)),
                 ))
             })
@@ -75,25 +77,34 @@ impl Snapshot {
     }
 }
 
-fn build_upstream(config: &UpstreamConfig, previous: Option<&Arc<Upstream>>) -> Upstream {
+fn build_upstream(
+    config: &UpstreamConfig,
+    workers: usize,
+    previous: Option<&Arc<Upstream>>,
+) -> Upstream {
+    let settings = (config.connect_timeout, config.idle_timeout);
     let backends = config
         .backends
         .iter()
         .map(|b| {
-            let state = previous
-                .and_then(|p| p.backends.iter().find(|old| old.address == b.address))
+            let old = previous.and_then(|p| p.backends.iter().find(|old| old.address == b.address));
+            let state = old
                 .map(|old| old.state.clone())
                 .unwrap_or_else(|| Arc::new(BackendState::default()));
-            Backend::new(&config.name, b, state)
+            let pool = match old {
+                Some(old) if old.pool.settings() == settings => old.pool.clone(),
+                _ => Arc::new(Pool::new(
+                    b.addr,
+                    workers,
+                    config.connect_timeout,
+                    config.idle_timeout,
+                    m::connections_opened(&config.name, &b.address),
+                )),
+            };
+            Backend::new(&config.name, b, state, pool)
         })
         .collect();
-    let client = match previous {
-        Some(p) if p.pool_settings == (config.connect_timeout, config.idle_timeout) => {
-            p.client.clone()
-        }
-        _ => client::new(config.connect_timeout, config.idle_timeout),
-    };
-    Upstream::new(config, backends, client)
+    Upstream::new(config, backends)
 }
 
 /// The current snapshot, shared by every thread.

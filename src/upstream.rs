@@ -1,5 +1,5 @@
 //! An upstream: a named group of backends, how to choose among them, and the
-//! connection pool and timeouts used to reach them.
+//! timeouts used to reach them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,6 @@ use crate::backend::Backend;
 use crate::balance::RoundRobin;
 use crate::config::{Balance, UpstreamConfig};
 use crate::metrics::{self as m, RequestCounters};
-use crate::proxy::client::BackendClient;
 
 #[derive(Debug)]
 pub struct Upstream {
@@ -19,9 +18,6 @@ pub struct Upstream {
     /// In config order; selectors answer with indexes into this.
     pub backends: Vec<Backend>,
     selector: RoundRobin,
-    pub client: BackendClient,
-    /// (connect, idle) timeouts the pool was made with: a reload that keeps them keeps the pool.
-    pub pool_settings: (Duration, Duration),
     pub response_timeout: Duration,
     pub duration: Histogram,
     /// Replies made for this upstream without a backend (503: none usable).
@@ -29,15 +25,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, backends: Vec<Backend>, client: BackendClient) -> Self {
+    pub fn new(config: &UpstreamConfig, backends: Vec<Backend>) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Upstream {
             name: config.name.clone(),
             balance: config.balance,
             selector: RoundRobin::new(&weights),
             backends,
-            client,
-            pool_settings: (config.connect_timeout, config.idle_timeout),
             response_timeout: config.response_timeout,
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),

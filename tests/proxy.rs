@@ -231,3 +231,53 @@ async fn h2c_prior_knowledge_reaches_an_http1_backend() {
     assert_eq!(seen.headers["x-forwarded-host"], "h2.example.com:8443");
     tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
 }
+
+/// A backend that answers the first request on each connection and, like one
+/// whose keep-alive timeout fires as the next request arrives, reads the second
+/// and closes without answering.
+fn backend_closing_on_second_request() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                for answer in [true, false] {
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if answer {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn idle_pooled_connection_closed_by_the_backend_costs_no_get() {
+    let addr = backend_closing_on_second_request();
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: app }}]\nupstreams:\n  app:\n    backends: [{addr}]\nworkers: 1\n"
+    );
+    let lb = Balancer::start(&yaml);
+    for i in 0..5 {
+        assert_eq!(get(lb.addr, "/").status, 200, "request {i}");
+        // Let the pooled connection sit idle, as between requests of a quiet site.
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // A request with a body is not sent twice: the backend may have acted on it.
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert_eq!(parse_reply(&out).status, 502);
+}

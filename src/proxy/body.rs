@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use super::pool::Lease;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Busy;
@@ -30,6 +31,8 @@ pub struct Exchange {
     /// Index of the backend in `upstream.backends`.
     pub backend: Option<usize>,
     pub in_flight: Option<InFlight>,
+    /// The backend connection, given back to its pool when the response body has ended.
+    pub lease: Option<Lease>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
     _busy: Busy,
 }
@@ -43,8 +46,17 @@ impl Exchange {
             upstream: None,
             backend: None,
             in_flight: None,
+            lease: None,
             log,
             _busy: busy,
+        }
+    }
+
+    /// The backend's response body has been read to its end: its connection can
+    /// serve another request.
+    fn release_connection(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
         }
     }
 
@@ -85,7 +97,11 @@ pin_project_lite::pin_project! {
 }
 
 impl ProxyBody {
-    pub fn backend(body: Incoming, exchange: Exchange) -> Self {
+    pub fn backend(body: Incoming, mut exchange: Exchange) -> Self {
+        if body.is_end_stream() {
+            // No body to wait for (204, HEAD, Content-Length: 0): the connection is free now.
+            exchange.release_connection();
+        }
         ProxyBody {
             inner: http_body_util::Either::Left(body),
             exchange: Some(exchange),
@@ -109,17 +125,27 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let Poll::Ready(polled) = this.inner.poll_frame(cx) else {
+        let mut inner = this.inner;
+        let Poll::Ready(polled) = inner.as_mut().poll_frame(cx) else {
             return Poll::Pending;
         };
         match &polled {
             Some(Ok(frame)) => {
-                if let (Some(data), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
-                    ex.bytes += data.len() as u64;
+                if let Some(ex) = this.exchange.as_mut() {
+                    ex.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    // hyper stops polling once the body says it has ended.
+                    if inner.is_end_stream() {
+                        ex.release_connection();
+                    }
                 }
             }
-            // The end, or a backend that broke off mid-body: the exchange is over.
-            None | Some(Err(_)) => drop(this.exchange.take()),
+            None => {
+                if let Some(mut ex) = this.exchange.take() {
+                    ex.release_connection();
+                }
+            }
+            // A backend that broke off mid-body: the exchange is over, the connection closed.
+            Some(Err(_)) => drop(this.exchange.take()),
         }
         Poll::Ready(polled)
     }

@@ -14,25 +14,52 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `Connection: close` forwarded to a backend would also close the pooled
 /// connection after every request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // Most messages carry none of these, or only `Connection: keep-alive`: look
+    // before touching the map, since each removal hashes and probes.
+    let mut fixed = false;
+    let mut connection = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if is_fixed_hop_by_hop(name) {
+            fixed = true;
+        }
+    }
+    if connection {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            // `close` and `keep-alive` are the usual tokens; only other tokens name fields.
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
         headers.remove(header::CONNECTION);
     }
-    for name in [&PROXY_CONNECTION, &KEEP_ALIVE] {
-        headers.remove(name);
+    if fixed {
+        for name in [
+            &PROXY_CONNECTION,
+            &KEEP_ALIVE,
+            &header::TE,
+            &header::TRANSFER_ENCODING,
+            &header::UPGRADE,
+        ] {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::TE);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::UPGRADE);
+}
+
+fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// The protocol a request asks to switch to (`Connection: upgrade` plus `Upgrade`),

@@ -1,9 +1,9 @@
 //! The request path: route, pick a backend, rewrite headers, forward, stream back.
 
 pub mod body;
-pub mod client;
 pub mod error;
 pub mod headers;
+pub mod pool;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +24,7 @@ use crate::client_io::Activity;
 use crate::state::{Snapshot, State};
 pub use body::{Exchange, ProxyBody};
 pub use error::ProxyError;
+use pool::SendError;
 
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug)]
@@ -162,15 +163,21 @@ async fn forward(
         Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("unusable request target"))?;
     parts.version = Version::HTTP_11;
 
-    let sent = upstream.client.request(Request::from_parts(parts, body));
+    let sent = backend.pool.send(Request::from_parts(parts, body));
     let mut resp = match tokio::time::timeout(upstream.response_timeout, sent).await {
         Err(_) => return Err(ProxyError::Timeout),
-        Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Connect),
-        Ok(Err(e)) => {
-            tracing::debug!(backend = %backend.address, "exchange failed: {e:?}");
+        Ok(Err(SendError::Connect(e))) => {
+            tracing::debug!(backend = %backend.address, "connect failed: {e}");
+            return Err(ProxyError::Connect);
+        }
+        Ok(Err(SendError::Exchange(e))) => {
+            tracing::debug!(backend = %backend.address, "exchange failed: {e}");
             return Err(ProxyError::Broken);
         }
-        Ok(Ok(resp)) => resp,
+        Ok(Ok((resp, lease))) => {
+            ex.lease = Some(lease);
+            resp
+        }
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
