@@ -1,7 +1,7 @@
 //! The admin listener: `GET /status` (JSON) and `GET /metrics` (Prometheus text).
 //!
-//! It runs on its own thread and runtime, so a busy request path never delays
-//! a scrape, and a slow scraper never takes a worker's time.
+//! It runs on the control thread (with health checks), so a busy request path
+//! never delays a scrape, and a slow scraper never takes a worker's time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,54 +20,38 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics as m;
 use crate::state::{Snapshot, State};
 
-pub fn run(socket: std::net::TcpListener, state: Arc<State>, shutdown: CancellationToken) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return tracing::error!("cannot start the admin runtime: {e}"),
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: CancellationToken) {
+    let _ = socket.set_nonblocking(true);
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("cannot use the admin socket: {e}"),
     };
-    rt.block_on(async move {
-        let _ = socket.set_nonblocking(true);
-        let listener = match TcpListener::from_std(socket) {
-            Ok(l) => l,
-            Err(e) => return tracing::error!("cannot use the admin socket: {e}"),
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
-        // Histograms are kept in blocks that the exporter folds in on upkeep.
-        tokio::spawn(async {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                m::handle().run_upkeep();
-            }
-        });
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!("admin accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&state, &req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&state, &req)) }
             });
-        }
-    });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {

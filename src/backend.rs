@@ -6,8 +6,9 @@
 //! weight keeps its health and in-flight count.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 
@@ -15,29 +16,72 @@ use crate::config::BackendConfig;
 use crate::metrics::RequestCounters;
 use crate::proxy::pool::Pool;
 
+/// Milliseconds on a process-wide monotonic clock; never 0.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// Mutable facts about a backend, shared by every thread and kept across reloads.
 #[derive(Debug)]
 pub struct BackendState {
+    /// The active health checks' verdict.
     healthy: AtomicBool,
+    /// Consecutive probe results that disagree with `healthy` (rise/fall progress).
+    pub(crate) probe_streak: AtomicU32,
     active: AtomicUsize,
+    /// Consecutive failed exchanges with live traffic.
+    pub(crate) failures: AtomicU32,
+    /// Ejected from rotation until this `now_ms()`; 0 when not ejected.
+    pub(crate) ejected_until: AtomicU64,
+    /// Ejections in a row without a clean spell between them: each doubles the next.
+    pub(crate) ejections: AtomicU32,
 }
 
 impl Default for BackendState {
     fn default() -> Self {
-        BackendState {
-            healthy: AtomicBool::new(true),
-            active: AtomicUsize::new(0),
-        }
+        BackendState::new(true)
     }
 }
 
 impl BackendState {
+    pub fn new(healthy: bool) -> Self {
+        BackendState {
+            healthy: AtomicBool::new(healthy),
+            probe_streak: AtomicU32::new(0),
+            active: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Ejected by passive detection, and for how much longer.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        let now = now_ms();
+        (now < until).then(|| Duration::from_millis(until - now))
+    }
+
+    /// May new requests go here: healthy and not ejected.
+    pub fn is_usable(&self) -> bool {
+        if !self.is_healthy() {
+            return false;
+        }
+        // The clock is read only for a backend with an ejection on record.
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
     }
 
     /// Requests sent to this backend whose response has not finished.

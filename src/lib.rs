@@ -10,6 +10,7 @@ pub mod backend;
 pub mod balance;
 pub mod client_io;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod router;

@@ -16,6 +16,8 @@ pub const BACKEND_HEALTHY: &str = "bascule_backend_healthy";
 pub const BACKEND_ACTIVE: &str = "bascule_backend_active_requests";
 pub const CONFIG_RELOADS: &str = "bascule_config_reloads_total";
 pub const CONNECTIONS_OPENED: &str = "bascule_backend_connections_opened_total";
+pub const HEALTH_TRANSITIONS: &str = "bascule_health_transitions_total";
+pub const RETRIES: &str = "bascule_retries_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -90,6 +92,18 @@ pub fn request_duration(upstream: &str) -> Histogram {
 pub fn connections_opened(upstream: &str, backend: &str) -> Counter {
     handle();
     metrics::counter!(CONNECTIONS_OPENED, "upstream" => upstream.to_string(), "backend" => backend.to_string())
+}
+
+pub fn health_transition(upstream: &str, backend: &str, to_healthy: bool) -> Counter {
+    handle();
+    let to = if to_healthy { "healthy" } else { "unhealthy" };
+    metrics::counter!(HEALTH_TRANSITIONS, "upstream" => upstream.to_string(), "backend" => backend.to_string(), "to" => to)
+}
+
+/// Requests sent again to another backend.
+pub fn retries(upstream: &str) -> Counter {
+    handle();
+    metrics::counter!(RETRIES, "upstream" => upstream.to_string())
 }
 
 pub fn config_reload(success: bool) {

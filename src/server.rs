@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +25,7 @@ use crate::access_log::AccessLogger;
 use crate::admin;
 use crate::client_io::{Activity, ClientIo, Timeouts};
 use crate::config::Config;
+use crate::health::HealthChecks;
 use crate::proxy::{self, ConnContext};
 use crate::state::{Snapshot, State};
 
@@ -44,6 +46,8 @@ pub enum StartError {
 /// A running balancer: its threads, its sockets, and the switch that stops it.
 pub struct Server {
     state: Arc<State>,
+    /// Tells the control thread that the snapshot changed.
+    reloaded: Arc<Notify>,
     shutdown: CancellationToken,
     threads: Vec<JoinHandle<()>>,
     listeners: Vec<SocketAddr>,
@@ -112,11 +116,12 @@ impl Server {
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
-        if let Some(socket) = admin_socket {
-            let (state, shutdown) = (state.clone(), shutdown.clone());
+        let reloaded = Arc::new(Notify::new());
+        {
+            let (state, shutdown, reloaded) = (state.clone(), shutdown.clone(), reloaded.clone());
             let handle = std::thread::Builder::new()
-                .name("admin".into())
-                .spawn(move || admin::run(socket, state, shutdown))
+                .name("control".into())
+                .spawn(move || control(state, shutdown, reloaded, admin_socket))
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
@@ -128,6 +133,7 @@ impl Server {
         }
         Ok(Server {
             state,
+            reloaded,
             shutdown,
             threads,
             listeners,
@@ -160,6 +166,44 @@ impl Server {
             let _ = t.join();
         }
     }
+}
+
+/// The control thread: admin endpoints, health checks kept in step with the
+/// snapshot, and once-a-second upkeep. Nothing here is on the request path.
+fn control(
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    reloaded: Arc<Notify>,
+    admin_socket: Option<std::net::TcpListener>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return tracing::error!("cannot start the control runtime: {e}"),
+    };
+    rt.block_on(async move {
+        if let Some(socket) = admin_socket {
+            tokio::spawn(admin::serve(socket, state.clone(), shutdown.clone()));
+        }
+        let mut checks = HealthChecks::default();
+        checks.sync(&state.load());
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = reloaded.notified() => checks.sync(&state.load()),
+                _ = tick.tick() => {
+                    for upstream in &state.load().upstreams {
+                        upstream.retry_budget.top_up();
+                    }
+                    // Histograms are kept in blocks that the exporter folds in on upkeep.
+                    crate::metrics::handle().run_upkeep();
+                }
+            }
+        }
+    });
 }
 
 /// Closes this worker's pooled backend connections once they pass their idle timeout.
@@ -353,6 +397,7 @@ impl Server {
         }
         self.state
             .store(Snapshot::build(Arc::new(config), Some(&current)));
+        self.reloaded.notify_one();
         Ok(())
     }
 }

@@ -88,9 +88,13 @@ fn build_upstream(
         .iter()
         .map(|b| {
             let old = previous.and_then(|p| p.backends.iter().find(|old| old.address == b.address));
-            let state = old
-                .map(|old| old.state.clone())
-                .unwrap_or_else(|| Arc::new(BackendState::default()));
+            let state = old.map(|old| old.state.clone()).unwrap_or_else(|| {
+                let initial = config
+                    .health_check
+                    .as_ref()
+                    .is_none_or(|h| h.initial_healthy);
+                Arc::new(BackendState::new(initial))
+            });
             let pool = match old {
                 Some(old) if old.pool.settings() == settings => old.pool.clone(),
                 _ => Arc::new(Pool::new(

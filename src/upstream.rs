@@ -1,14 +1,15 @@
-//! An upstream: a named group of backends, how to choose among them, and the
-//! timeouts used to reach them.
+//! An upstream: a named group of backends, how to choose among them, how to
+//! reach them, and when to try another.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::Histogram;
+use metrics::{Counter, Histogram};
 
 use crate::backend::Backend;
 use crate::balance::RoundRobin;
-use crate::config::{Balance, UpstreamConfig};
+use crate::config::{Balance, HealthCheckConfig, PassiveConfig, RetryBudgetConfig, UpstreamConfig};
 use crate::metrics::{self as m, RequestCounters};
 
 #[derive(Debug)]
@@ -19,6 +20,13 @@ pub struct Upstream {
     pub backends: Vec<Backend>,
     selector: RoundRobin,
     pub response_timeout: Duration,
+    pub health_check: Option<HealthCheckConfig>,
+    pub passive: Option<PassiveConfig>,
+    /// Extra attempts on other backends for a request that can be sent again.
+    pub retries: u32,
+    pub retry_budget: RetryBudget,
+    pub retried: Counter,
+    pub fail_open: bool,
     pub duration: Histogram,
     /// Replies made for this upstream without a backend (503: none usable).
     pub unserved: RequestCounters,
@@ -33,15 +41,103 @@ impl Upstream {
             selector: RoundRobin::new(&weights),
             backends,
             response_timeout: config.response_timeout,
+            health_check: config.health_check.clone(),
+            passive: config.passive.clone(),
+            retries: config.retries,
+            retry_budget: RetryBudget::new(config.retry_budget),
+            retried: m::retries(&config.name),
+            fail_open: config.fail_open,
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),
         }
     }
 
-    /// The index in `backends` of the backend for the next request, or `None`
-    /// when no backend is usable.
-    pub fn pick_index(&self) -> Option<usize> {
-        self.selector.pick(|i| self.backends[i].state.is_healthy())
+    /// The index in `backends` of the backend for the next request, leaving out
+    /// the ones already `tried`; `None` when no backend is usable. With
+    /// `fail_open`, unusable backends are tried when no usable one is left.
+    pub fn pick_index(&self, tried: &[usize]) -> Option<usize> {
+        let untried = |i: usize| !tried.contains(&i);
+        self.selector
+            .pick(|i| untried(i) && self.backends[i].state.is_usable())
+            .or_else(|| {
+                if self.fail_open {
+                    self.selector.pick(untried)
+                } else {
+                    None
+                }
+            })
+    }
+}
+
+/// Caps retries at a share of the requests, plus a small floor per second, so
+/// that a failing fleet is not hit with `1 + retries` times its normal load.
+/// A token bucket in thousandths of a retry: each request deposits `ratio`,
+/// each retry withdraws one, and a per-second top-up provides the floor.
+#[derive(Debug)]
+pub struct RetryBudget {
+    balance: AtomicI64,
+    deposit: i64,
+    floor: i64,
+    cap: i64,
+}
+
+const ONE_RETRY: i64 = 1000;
+
+impl RetryBudget {
+    pub fn new(config: RetryBudgetConfig) -> Self {
+        let floor = i64::from(config.min_per_second) * ONE_RETRY;
+        RetryBudget {
+            balance: AtomicI64::new(floor),
+            deposit: (config.ratio * ONE_RETRY as f64) as i64,
+            floor,
+            // Unused budget accumulates up to 10 seconds' floor or 100 retries, whichever is more.
+            cap: (floor * 10).max(100 * ONE_RETRY),
+        }
+    }
+
+    /// Called once per request (not per attempt).
+    pub fn deposit(&self) {
+        if self.deposit > 0 && self.balance.load(Ordering::Relaxed) < self.cap {
+            self.balance.fetch_add(self.deposit, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn withdraw(&self) -> bool {
+        let before = self.balance.fetch_sub(ONE_RETRY, Ordering::Relaxed);
+        if before >= ONE_RETRY {
+            return true;
+        }
+        self.balance.fetch_add(ONE_RETRY, Ordering::Relaxed);
+        false
+    }
+
+    /// Called every second: the floor is always available.
+    pub fn top_up(&self) {
+        self.balance.fetch_max(self.floor, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_a_share_of_requests_plus_the_floor() {
+        let budget = RetryBudget::new(RetryBudgetConfig {
+            ratio: 0.2,
+            min_per_second: 3,
+        });
+        let mut allowed = 0;
+        for _ in 0..100 {
+            budget.deposit();
+            allowed += usize::from(budget.withdraw());
+        }
+        // The floor (3) plus 20% of 100 requests.
+        assert_eq!(allowed, 23);
+        budget.top_up();
+        assert!(budget.withdraw() && budget.withdraw() && budget.withdraw());
+        assert!(!budget.withdraw());
     }
 }
 

@@ -356,6 +356,20 @@ impl Decoder<'_> {
                 self.finish(t);
             }
         }
+        let health_check = self.optional(&mut f, "health_check", None, |d, n, p| {
+            d.health_check(n, p).map(Some)
+        });
+        let passive = self.optional(&mut f, "passive", None, |d, n, p| d.passive(n, p).map(Some));
+        let retries = self.optional(&mut f, "retries", 2, |d, n, p| {
+            d.integer(n, p, 0, 10).map(|v| v as u32)
+        });
+        let retry_budget = self.optional(
+            &mut f,
+            "retry_budget",
+            RetryBudgetConfig::default(),
+            Self::retry_budget,
+        );
+        let fail_open = self.optional(&mut f, "fail_open", false, Self::boolean);
         self.finish(f);
         Some(UpstreamConfig {
             name: name.to_string(),
@@ -364,6 +378,141 @@ impl Decoder<'_> {
             connect_timeout: connect?,
             response_timeout: response?,
             idle_timeout: idle?,
+            health_check: health_check?,
+            passive: passive?,
+            retries: retries?,
+            retry_budget: retry_budget?,
+            fail_open: fail_open?,
+        })
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        self.parsed(node, path, "true or false", |s| match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(String::new()),
+        })
+    }
+
+    fn health_check(&mut self, node: &Node, path: &str) -> Option<HealthCheckConfig> {
+        let mut f = self.fields(node, path)?;
+        let check_path = self.optional(&mut f, "path", "/".to_string(), |d, n, p| {
+            d.parsed(n, p, "a path", |s| {
+                if s.starts_with('/')
+                    && !s
+                        .bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                {
+                    Ok(s.to_string())
+                } else {
+                    Err(" (it must start with / and hold no spaces)".into())
+                }
+            })
+        });
+        let interval = self.optional(&mut f, "interval", Duration::from_secs(2), Self::duration);
+        let timeout = self.optional(&mut f, "timeout", Duration::from_secs(1), Self::duration);
+        let threshold = |d: &mut Self, n: &Node, p: &str| d.integer(n, p, 1, 100).map(|v| v as u32);
+        let healthy_threshold = self.optional(&mut f, "healthy_threshold", 2, threshold);
+        let unhealthy_threshold = self.optional(&mut f, "unhealthy_threshold", 3, threshold);
+        let expected_status = self.optional(
+            &mut f,
+            "expected_status",
+            vec![(200, 399)],
+            Self::status_ranges,
+        );
+        let host = self.optional(&mut f, "host", None, |d, n, p| d.string(n, p).map(Some));
+        let initial_healthy = self.optional(&mut f, "initial", true, |d, n, p| {
+            d.parsed(n, p, "an initial state", |s| match s {
+                "healthy" => Ok(true),
+                "unhealthy" => Ok(false),
+                _ => Err(" (expected healthy or unhealthy)".into()),
+            })
+        });
+        self.finish(f);
+        let (interval, timeout) = (interval?, timeout?);
+        if interval.is_zero() || timeout.is_zero() {
+            self.problem(
+                Some(node.pos),
+                path,
+                "interval and timeout must be above zero",
+            );
+            return None;
+        }
+        Some(HealthCheckConfig {
+            path: check_path?,
+            interval,
+            timeout,
+            healthy_threshold: healthy_threshold?,
+            unhealthy_threshold: unhealthy_threshold?,
+            expected_status: expected_status?,
+            host: host?,
+            initial_healthy: initial_healthy?,
+        })
+    }
+
+    /// `"200-399"`, `"200,204,300-302"`.
+    fn status_ranges(&mut self, node: &Node, path: &str) -> Option<Vec<(u16, u16)>> {
+        self.parsed(node, path, "a list of status ranges", |s| {
+            s.split(',')
+                .map(|part| {
+                    let part = part.trim();
+                    let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+                    let lo: u16 = lo
+                        .trim()
+                        .parse()
+                        .map_err(|_| " (such as 200-399 or 200,204)".to_string())?;
+                    let hi: u16 = hi
+                        .trim()
+                        .parse()
+                        .map_err(|_| " (such as 200-399 or 200,204)".to_string())?;
+                    if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                        return Err(" (statuses run from 100 to 599, low to high)".into());
+                    }
+                    Ok((lo, hi))
+                })
+                .collect()
+        })
+    }
+
+    fn passive(&mut self, node: &Node, path: &str) -> Option<PassiveConfig> {
+        let mut f = self.fields(node, path)?;
+        let consecutive_failures = self.optional(&mut f, "consecutive_failures", 5, |d, n, p| {
+            d.integer(n, p, 1, 1000).map(|v| v as u32)
+        });
+        let ejection = self.optional(&mut f, "ejection", Duration::from_secs(30), Self::duration);
+        let max_ejection = self.optional(
+            &mut f,
+            "max_ejection",
+            Duration::from_secs(300),
+            Self::duration,
+        );
+        let max_ejected_percent = self.optional(&mut f, "max_ejected_percent", 50, |d, n, p| {
+            d.integer(n, p, 0, 100).map(|v| v as u32)
+        });
+        self.finish(f);
+        Some(PassiveConfig {
+            consecutive_failures: consecutive_failures?,
+            ejection: ejection?,
+            max_ejection: max_ejection?,
+            max_ejected_percent: max_ejected_percent?,
+        })
+    }
+
+    fn retry_budget(&mut self, node: &Node, path: &str) -> Option<RetryBudgetConfig> {
+        let mut f = self.fields(node, path)?;
+        let ratio = self.optional(&mut f, "ratio", 0.2, |d, n, p| {
+            d.parsed(n, p, "a ratio", |s| match s.parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => Err(" from 0 to 1, such as 0.2".into()),
+            })
+        });
+        let min_per_second = self.optional(&mut f, "min_per_second", 10, |d, n, p| {
+            d.integer(n, p, 0, 100_000).map(|v| v as u32)
+        });
+        self.finish(f);
+        Some(RetryBudgetConfig {
+            ratio: ratio?,
+            min_per_second: min_per_second?,
         })
     }
 
@@ -641,20 +790,17 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, timeouts)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, health_check, passive, retries, retry_budget, timeouts)",
             ]
         );
     }
 
     #[test]
     fn keys_of_later_features_are_unknown() {
-        let text = format!("{MINIMAL}    health_check: {{ path: / }}\n");
+        let text = format!("{MINIMAL}    sticky: {{ cookie: x }}\n");
         let p = problems(&text);
         assert_eq!(p.len(), 1);
-        assert!(
-            p[0].contains("upstreams.app.health_check: unknown key"),
-            "{p:?}"
-        );
+        assert!(p[0].contains("upstreams.app.sticky: unknown key"), "{p:?}");
     }
 
     #[test]

@@ -101,6 +101,65 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// An unused pooled backend connection is closed after this. Default 90s.
     pub idle_timeout: Duration,
+    /// Active probes; without them every backend counts as healthy.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Ejection of backends that fail live requests.
+    pub passive: Option<PassiveConfig>,
+    /// Extra attempts on other backends when a request can safely be sent again. Default 2.
+    pub retries: u32,
+    pub retry_budget: RetryBudgetConfig,
+    /// When no backend is usable, try them anyway instead of answering 503. Default false.
+    pub fail_open: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Default `/`.
+    pub path: String,
+    /// Default 2s; each backend's probes are spread by a fixed per-backend offset.
+    pub interval: Duration,
+    /// Default 1s: a probe without a status line by then has failed.
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down backend up. Default 2.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an up backend down. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Inclusive status ranges that pass. Default 200-399.
+    pub expected_status: Vec<(u16, u16)>,
+    /// The probe's Host header. Default: the backend's address.
+    pub host: Option<String>,
+    /// Whether a backend starts healthy (before any probe). Default true.
+    pub initial_healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// Consecutive failed exchanges (connect failure, broken exchange, timeout, 5xx) that eject. Default 5.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further ejection doubles it. Default 30s.
+    pub ejection: Duration,
+    /// The longest ejection. Default 5m.
+    pub max_ejection: Duration,
+    /// At most this share of an upstream's backends is ejected at once, and never
+    /// the last one. Default 50.
+    pub max_ejected_percent: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudgetConfig {
+    /// Retries may add this share of the requests. Default 0.2.
+    pub ratio: f64,
+    /// And at least this many retries a second, for quiet upstreams. Default 10.
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, HOST};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -21,10 +22,12 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Activity;
+use crate::health;
 use crate::state::{Snapshot, State};
+use crate::upstream::Upstream;
 pub use body::{Exchange, ProxyBody};
 pub use error::ProxyError;
-use pool::SendError;
+use pool::{OutBody, SendError};
 
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug)]
@@ -128,11 +131,6 @@ async fn forward(
         .upstream
         .insert(snapshot.upstreams[index].clone())
         .clone();
-    let chosen = upstream.pick_index().ok_or(ProxyError::NoBackend)?;
-    ex.backend = Some(chosen);
-    let backend = &upstream.backends[chosen];
-    ex.in_flight = Some(backend.state.begin_request());
-
     // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
     let upgrade = headers::upgrade_protocol(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -153,32 +151,12 @@ async fn forward(
     if let Some(protocol) = &upgrade {
         headers::set_upgrade(&mut parts.headers, protocol.clone());
     }
-    let mut target = std::mem::take(&mut parts.uri).into_parts();
-    target.scheme = Some(Scheme::HTTP);
-    target.authority = Some(backend.authority.clone());
-    if target.path_and_query.is_none() {
-        target.path_and_query = Some(PathAndQuery::from_static("/"));
+    if parts.uri.path_and_query().is_none() {
+        parts.uri = Uri::from_static("/");
     }
-    parts.uri =
-        Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("unusable request target"))?;
     parts.version = Version::HTTP_11;
-
-    let sent = backend.pool.send(Request::from_parts(parts, body));
-    let mut resp = match tokio::time::timeout(upstream.response_timeout, sent).await {
-        Err(_) => return Err(ProxyError::Timeout),
-        Ok(Err(SendError::Connect(e))) => {
-            tracing::debug!(backend = %backend.address, "connect failed: {e}");
-            return Err(ProxyError::Connect);
-        }
-        Ok(Err(SendError::Exchange(e))) => {
-            tracing::debug!(backend = %backend.address, "exchange failed: {e}");
-            return Err(ProxyError::Broken);
-        }
-        Ok(Ok((resp, lease))) => {
-            ex.lease = Some(lease);
-            resp
-        }
-    };
+    let mut out = Request::from_parts(parts, Either::Left(body));
+    let mut resp = send_with_retries(&upstream, &mut out, ex).await?;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client_upgrade), Some(protocol)) = (
@@ -199,6 +177,81 @@ async fn forward(
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp)
 }
+
+/// Sends `out` to a backend of `upstream`, and again to others when the first
+/// could not take it and that is safe: the connection failed (nothing was sent),
+/// or the backend broke off before answering a request that can be replayed
+/// (idempotent, no body). Never the same backend twice, at most `retries` extra
+/// attempts, and only as the retry budget allows. A timeout is not retried: the
+/// backend may still be working on the request.
+async fn send_with_retries(
+    upstream: &Upstream,
+    out: &mut Request<OutBody>,
+    ex: &mut Exchange,
+) -> Result<Response<Incoming>, ProxyError> {
+    let template = if upstream.retries > 0 {
+        pool::replayable(out)
+    } else {
+        None
+    };
+    upstream.retry_budget.deposit();
+    let mut tried = [0usize; MAX_ATTEMPTS];
+    let mut last = ProxyError::NoBackend;
+    for attempt in 0..=(upstream.retries as usize).min(MAX_ATTEMPTS - 1) {
+        if attempt > 0 {
+            if !upstream.retry_budget.withdraw() {
+                break;
+            }
+            upstream.retried.increment(1);
+        }
+        let Some(chosen) = upstream.pick_index(&tried[..attempt]) else {
+            break;
+        };
+        tried[attempt] = chosen;
+        let backend = &upstream.backends[chosen];
+        ex.backend = Some(chosen);
+        ex.in_flight = Some(backend.state.begin_request());
+        let mut target = std::mem::take(out.uri_mut()).into_parts();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(backend.authority.clone());
+        *out.uri_mut() = Uri::from_parts(target)
+            .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+
+        let request = std::mem::replace(out, Request::new(Either::Right(Empty::new())));
+        let sent = backend.pool.send(request, template.as_ref());
+        let outcome = tokio::time::timeout(upstream.response_timeout, sent).await;
+        match outcome {
+            Ok(Ok((resp, lease))) => {
+                health::record_exchange(upstream, chosen, !resp.status().is_server_error());
+                ex.lease = Some(lease);
+                return Ok(resp);
+            }
+            Err(_) => {
+                health::record_exchange(upstream, chosen, false);
+                return Err(ProxyError::Timeout);
+            }
+            Ok(Err(SendError::Connect(e, back))) => {
+                tracing::debug!(backend = %backend.address, "connect failed: {e}");
+                health::record_exchange(upstream, chosen, false);
+                *out = back;
+                last = ProxyError::Connect;
+            }
+            Ok(Err(SendError::Exchange(e))) => {
+                tracing::debug!(backend = %backend.address, "exchange failed: {e}");
+                health::record_exchange(upstream, chosen, false);
+                match &template {
+                    Some(t) => *out = pool::copy_request(t),
+                    None => return Err(ProxyError::Broken),
+                }
+                last = ProxyError::Broken;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// One first attempt and at most this many minus one retries.
+const MAX_ATTEMPTS: usize = 11;
 
 /// The head-size limit given to hyper for a configured `max_header_bytes`.
 ///

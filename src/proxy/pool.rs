@@ -42,11 +42,11 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum SendError {
-    #[error("connect: {0}")]
-    Connect(io::Error),
-    #[error("exchange: {0}")]
+    /// No connection could take the request; it comes back unsent.
+    Connect(io::Error, Request<OutBody>),
+    /// The backend took the request, or part of it, and failed before answering.
     Exchange(hyper::Error),
 }
 
@@ -137,18 +137,18 @@ impl Pool {
         None
     }
 
-    async fn connect(&self) -> Result<(SendRequest<OutBody>, usize), SendError> {
+    async fn connect(&self) -> Result<(SendRequest<OutBody>, usize), io::Error> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(SendError::Connect(e)),
-                Err(_) => return Err(SendError::Connect(io::ErrorKind::TimedOut.into())),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
             };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(SendError::Exchange)?;
+            .map_err(io::Error::other)?;
         self.opened.increment(1);
         let addr = self.addr;
         tokio::spawn(async move {
@@ -159,30 +159,36 @@ impl Pool {
         Ok((sender, self.home()))
     }
 
-    /// Sends `req` on a pooled connection, or a new one, and sends it again on a
-    /// new connection when a pooled one failed it and that is safe (module docs).
+    /// Sends `req` on a pooled connection, or a new one. When a pooled
+    /// connection fails it (module docs), it is sent again on another connection
+    /// to this backend: as is, if it never left, or as a copy of `template` (or
+    /// of itself, for a replayable request on a long-idle connection).
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<OutBody>,
+        template: Option<&Request<OutBody>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let mut req = req.map(Either::Left);
+        let mut own_copy = None;
         loop {
             let (mut sender, home, idle_for, reused) = match self.checkout() {
                 Some((sender, home, idle_for)) => (sender, home, idle_for, true),
-                None => {
-                    let (sender, home) = self.connect().await?;
-                    (sender, home, Duration::ZERO, false)
-                }
+                None => match self.connect().await {
+                    Ok((sender, home)) => (sender, home, Duration::ZERO, false),
+                    Err(e) => return Err(SendError::Connect(e, req)),
+                },
             };
             if sender.ready().await.is_err() {
                 if reused {
                     continue;
                 }
-                return Err(SendError::Connect(io::ErrorKind::ConnectionReset.into()));
+                return Err(SendError::Connect(
+                    io::ErrorKind::ConnectionReset.into(),
+                    req,
+                ));
             }
-            let replay = (reused && idle_for >= STALE_AFTER)
-                .then(|| replayable(&req))
-                .flatten();
+            if template.is_none() && own_copy.is_none() && reused && idle_for >= STALE_AFTER {
+                own_copy = replayable(&req);
+            }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
@@ -194,10 +200,17 @@ impl Pool {
                         },
                     ))
                 }
-                Err(mut e) => match (e.take_message(), replay) {
-                    (Some(unsent), _) if reused => req = unsent,
-                    (None, Some(copy)) if e.error().is_incomplete_message() => req = copy,
-                    _ => return Err(SendError::Exchange(e.into_error())),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    Some(unsent) => {
+                        return Err(SendError::Connect(io::Error::other(e.into_error()), unsent))
+                    }
+                    None => match template.or(own_copy.as_ref()) {
+                        Some(t) if reused && e.error().is_incomplete_message() => {
+                            req = copy_request(t)
+                        }
+                        _ => return Err(SendError::Exchange(e.into_error())),
+                    },
                 },
             }
         }
@@ -216,19 +229,21 @@ impl Pool {
 }
 
 /// A copy of a request that may be sent twice: an idempotent method and no body.
-fn replayable(req: &Request<OutBody>) -> Option<Request<OutBody>> {
+pub fn replayable(req: &Request<OutBody>) -> Option<Request<OutBody>> {
     use http_body::Body;
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     );
-    if !idempotent || !req.body().is_end_stream() {
-        return None;
-    }
+    (idempotent && req.body().is_end_stream()).then(|| copy_request(req))
+}
+
+/// The same method, target, version and headers, with no body.
+pub fn copy_request(req: &Request<OutBody>) -> Request<OutBody> {
     let mut copy = Request::new(Either::Right(Empty::new()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    copy
 }
