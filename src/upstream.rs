@@ -2,7 +2,6 @@
 //! reach them, and when to try another.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
@@ -140,5 +139,3 @@ mod tests {
         assert!(!budget.withdraw());
     }
 }
-
-pub type SharedUpstream = Arc<Upstream>;

@@ -233,7 +233,7 @@ async fn send_with_retries(
             Ok(Err(SendError::Connect(e, back))) => {
                 tracing::debug!(backend = %backend.address, "connect failed: {e}");
                 health::record_exchange(upstream, chosen, false);
-                *out = back;
+                *out = *back;
                 last = ProxyError::Connect;
             }
             Ok(Err(SendError::Exchange(e))) => {

@@ -45,7 +45,7 @@ pub fn set_worker(index: usize) {
 #[derive(Debug)]
 pub enum SendError {
     /// No connection could take the request; it comes back unsent.
-    Connect(io::Error, Request<OutBody>),
+    Connect(io::Error, Box<Request<OutBody>>),
     /// The backend took the request, or part of it, and failed before answering.
     Exchange(hyper::Error),
 }
@@ -174,7 +174,7 @@ impl Pool {
                 Some((sender, home, idle_for)) => (sender, home, idle_for, true),
                 None => match self.connect().await {
                     Ok((sender, home)) => (sender, home, Duration::ZERO, false),
-                    Err(e) => return Err(SendError::Connect(e, req)),
+                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 },
             };
             if sender.ready().await.is_err() {
@@ -183,7 +183,7 @@ impl Pool {
                 }
                 return Err(SendError::Connect(
                     io::ErrorKind::ConnectionReset.into(),
-                    req,
+                    Box::new(req),
                 ));
             }
             if template.is_none() && own_copy.is_none() && reused && idle_for >= STALE_AFTER {
@@ -203,7 +203,10 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
                     Some(unsent) => {
-                        return Err(SendError::Connect(io::Error::other(e.into_error()), unsent))
+                        return Err(SendError::Connect(
+                            io::Error::other(e.into_error()),
+                            Box::new(unsent),
+                        ))
                     }
                     None => match template.or(own_copy.as_ref()) {
                         Some(t) if reused && e.error().is_incomplete_message() => {

@@ -35,6 +35,10 @@ pub struct TestBackend {
     pub name: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// How `/healthz` answers: `HEALTH_OK`, `HEALTH_FAIL` (500) or `HEALTH_FLAP` (alternating).
+    pub health: Arc<AtomicUsize>,
+    /// Answer 500 to every request but `/healthz`.
+    pub fail_all: Arc<std::sync::atomic::AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -49,11 +53,23 @@ impl TestBackend {
     /// - anything else: `<name>` as the body, with `X-Backend: <name>` and
     ///   `Connection: X-Private` + `X-Private: 1` + `Keep-Alive: timeout=5` to be stripped
     pub fn start(name: &str) -> TestBackend {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Starts on a given address, such as the one a stopped backend had.
+    pub fn start_at(name: &str, addr: SocketAddr) -> TestBackend {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(AtomicUsize::new(HEALTH_OK));
+        let fail_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let behaviour = Behaviour {
+            health: health.clone(),
+            fail_all: fail_all.clone(),
+            probes: Arc::new(AtomicUsize::new(0)),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (name2, seen2, conns2) = (name.to_string(), seen.clone(), connections.clone());
         let thread = std::thread::spawn(move || {
@@ -70,10 +86,12 @@ impl TestBackend {
                             continue;
                         };
                         conns2.fetch_add(1, Ordering::SeqCst);
-                        let (name, seen) = (name2.clone(), seen2.clone());
+                        let (name, seen, behaviour) =
+                            (name2.clone(), seen2.clone(), behaviour.clone());
                         tokio::spawn(async move {
-                            let svc =
-                                service_fn(move |req| answer(name.clone(), seen.clone(), req));
+                            let svc = service_fn(move |req| {
+                                answer(name.clone(), seen.clone(), behaviour.clone(), req)
+                            });
                             let _ = auto::Builder::new(TokioExecutor::new())
                                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                                 .await;
@@ -92,6 +110,8 @@ impl TestBackend {
             name: name.to_string(),
             seen,
             connections,
+            health,
+            fail_all,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -126,11 +146,41 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
+pub const HEALTH_OK: usize = 0;
+pub const HEALTH_FAIL: usize = 1;
+pub const HEALTH_FLAP: usize = 2;
+
+#[derive(Clone)]
+struct Behaviour {
+    health: Arc<AtomicUsize>,
+    fail_all: Arc<std::sync::atomic::AtomicBool>,
+    probes: Arc<AtomicUsize>,
+}
+
 async fn answer(
     name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    behaviour: Behaviour,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        let n = behaviour.probes.fetch_add(1, Ordering::SeqCst);
+        let ok = match behaviour.health.load(Ordering::SeqCst) {
+            HEALTH_OK => true,
+            HEALTH_FAIL => false,
+            _ => n % 2 == 0,
+        };
+        let mut resp = Response::new(full(if ok { "ok" } else { "failing" }));
+        if !ok {
+            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        return Ok(resp);
+    }
+    if behaviour.fail_all.load(Ordering::SeqCst) {
+        let mut resp = Response::new(full(format!("{name} fails")));
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(resp);
+    }
     seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
@@ -487,3 +537,81 @@ fn unsafe_free_kill(pid: u32, sig: i32) -> i32 {
 pub const SIGHUP: i32 = 1;
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
+
+/// A persistent HTTP/1.1 client connection, for load that reuses connections.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn new(addr: SocketAddr) -> Self {
+        KeepAlive { addr, stream: None }
+    }
+
+    /// One GET; the reply's status and body, or an error (the connection is then dropped).
+    pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        let result = self.exchange(path);
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect(self.addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            self.stream = Some(s);
+        }
+        let s = self.stream.as_mut().unwrap();
+        // One write: a request split over several would meet Nagle's algorithm.
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            raw.extend_from_slice(&buf[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = resp.parse(&raw) {
+                let length = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let status = resp.code.unwrap_or(0);
+                while raw.len() < head + length {
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    raw.extend_from_slice(&buf[..n]);
+                }
+                let body = String::from_utf8_lossy(&raw[head..head + length]).into_owned();
+                return Ok((status, body));
+            }
+        }
+    }
+}
+
+/// The JSON of `GET /status`.
+pub fn status_json(admin: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&get(admin, "/status").body).unwrap()
+}
+
+/// Whether `/status` shows the backend at `addr` of upstream `app` as healthy.
+pub fn shown_healthy(admin: SocketAddr, addr: SocketAddr) -> bool {
+    let v = status_json(admin);
+    v["upstreams"]["app"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .map(|b| b["healthy"] == true)
+        .unwrap()
+}
