@@ -7,17 +7,21 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 
 use crate::backend::Backend;
-use crate::balance::RoundRobin;
-use crate::config::{Balance, HealthCheckConfig, PassiveConfig, RetryBudgetConfig, UpstreamConfig};
+use crate::balance::{LeastConnections, Ring, RoundRobin, Selector};
+use crate::config::{
+    Balance, HashKey, HealthCheckConfig, PassiveConfig, RetryBudgetConfig, UpstreamConfig,
+};
 use crate::metrics::{self as m, RequestCounters};
 
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     pub balance: Balance,
+    /// Consistent hashing's key.
+    pub hash_key: HashKey,
     /// In config order; selectors answer with indexes into this.
     pub backends: Vec<Backend>,
-    selector: RoundRobin,
+    selector: Selector,
     pub response_timeout: Duration,
     pub health_check: Option<HealthCheckConfig>,
     pub passive: Option<PassiveConfig>,
@@ -37,7 +41,20 @@ impl Upstream {
         Upstream {
             name: config.name.clone(),
             balance: config.balance,
-            selector: RoundRobin::new(&weights),
+            hash_key: config.hash_key.clone(),
+            selector: match config.balance {
+                Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(&weights)),
+                Balance::LeastConnections => {
+                    Selector::LeastConnections(LeastConnections::new(&weights))
+                }
+                Balance::ConsistentHash => {
+                    let names: Vec<&str> = backends.iter().map(|b| b.address.as_str()).collect();
+                    Selector::ConsistentHash(
+                        Ring::new(&names, &weights, config.hash_balance_factor),
+                        RoundRobin::new(&weights),
+                    )
+                }
+            },
             backends,
             response_timeout: config.response_timeout,
             health_check: config.health_check.clone(),
@@ -54,17 +71,21 @@ impl Upstream {
     /// The index in `backends` of the backend for the next request, leaving out
     /// the ones already `tried`; `None` when no backend is usable. With
     /// `fail_open`, unusable backends are tried when no usable one is left.
-    pub fn pick_index(&self, tried: &[usize]) -> Option<usize> {
+    /// `key` is the request's consistent-hashing key, if it has one.
+    pub fn pick_index(&self, tried: &[usize], key: Option<u64>) -> Option<usize> {
         let untried = |i: usize| !tried.contains(&i);
-        self.selector
-            .pick(|i| untried(i) && self.backends[i].state.is_usable())
-            .or_else(|| {
-                if self.fail_open {
-                    self.selector.pick(untried)
-                } else {
-                    None
-                }
-            })
+        let load = |i: usize| self.backends[i].state.active_requests();
+        let total = || {
+            self.backends
+                .iter()
+                .map(|b| b.state.active_requests())
+                .sum()
+        };
+        let usable = |i: usize| untried(i) && self.backends[i].state.is_usable();
+        match self.selector.pick(key, usable, load, total) {
+            None if self.fail_open => self.selector.pick(key, untried, load, total),
+            chosen => chosen,
+        }
     }
 }
 

@@ -2,10 +2,45 @@
 //!
 //! A selector is built from the weights of an upstream's backends (in config
 //! order) and answers "which index next?". It does no I/O and knows nothing of
-//! sockets or health: the caller passes a predicate saying which indexes are
-//! usable right now. Selectors are shared by every worker thread, so their
+//! sockets or health: the caller says which indexes are usable right now and
+//! what load each carries. Selectors are shared by every worker thread, so their
 //! state is atomic.
 
+pub mod consistent_hash;
+pub mod hash;
+pub mod least_connections;
 pub mod round_robin;
 
+pub use consistent_hash::Ring;
+pub use least_connections::LeastConnections;
 pub use round_robin::RoundRobin;
+
+/// One upstream's selector.
+#[derive(Debug)]
+pub enum Selector {
+    RoundRobin(RoundRobin),
+    LeastConnections(LeastConnections),
+    /// The ring, and round robin for requests that carry no key.
+    ConsistentHash(Ring, RoundRobin),
+}
+
+impl Selector {
+    /// The chosen index. `key` is the request's hash key (consistent hashing
+    /// only); `load(i)` backend i's requests in flight and `total_load` their sum.
+    pub fn pick(
+        &self,
+        key: Option<u64>,
+        usable: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> usize,
+        total_load: impl FnOnce() -> usize,
+    ) -> Option<usize> {
+        match self {
+            Selector::RoundRobin(rr) => rr.pick(usable),
+            Selector::LeastConnections(lc) => lc.pick(usable, load),
+            Selector::ConsistentHash(ring, rr) => match key {
+                Some(key) => ring.pick(key, usable, load, total_load),
+                None => rr.pick(usable),
+            },
+        }
+    }
+}

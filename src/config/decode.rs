@@ -326,9 +326,32 @@ impl Decoder<'_> {
         let balance = self.optional(&mut f, "balance", Balance::RoundRobin, |d, n, p| {
             d.parsed(n, p, "a balance", |s| match s {
                 "round_robin" => Ok(Balance::RoundRobin),
-                _ => Err(" (expected round_robin)".into()),
+                "least_connections" => Ok(Balance::LeastConnections),
+                "consistent_hash" => Ok(Balance::ConsistentHash),
+                _ => Err(" (expected round_robin, least_connections or consistent_hash)".into()),
             })
         });
+        let hash_key = match f.get("hash_key") {
+            Some((n, p)) => {
+                if balance != Some(Balance::ConsistentHash) {
+                    self.problem(Some(n.pos), &p, "applies only to balance: consistent_hash");
+                }
+                self.hash_key(n, &p)
+            }
+            None => Some(HashKey::ClientIp),
+        };
+        let hash_balance_factor = match f.get("hash_balance_factor") {
+            Some((n, p)) => {
+                if balance != Some(Balance::ConsistentHash) {
+                    self.problem(Some(n.pos), &p, "applies only to balance: consistent_hash");
+                }
+                self.parsed(n, &p, "a balance factor", |s| match s.parse::<f64>() {
+                    Ok(f) if f > 1.0 && f.is_finite() => Ok(Some(f)),
+                    _ => Err(" above 1, such as 1.25".into()),
+                })
+            }
+            None => Some(None),
+        };
         let backends = match self.required(&mut f, "backends", node.pos) {
             Some((n, p)) => self.backends(n, &p),
             None => None,
@@ -374,6 +397,8 @@ impl Decoder<'_> {
         Some(UpstreamConfig {
             name: name.to_string(),
             balance: balance?,
+            hash_key: hash_key?,
+            hash_balance_factor: hash_balance_factor?,
             backends: backends?,
             connect_timeout: connect?,
             response_timeout: response?,
@@ -383,6 +408,30 @@ impl Decoder<'_> {
             retries: retries?,
             retry_budget: retry_budget?,
             fail_open: fail_open?,
+        })
+    }
+
+    fn hash_key(&mut self, node: &Node, path: &str) -> Option<HashKey> {
+        self.parsed(node, path, "a hash key", |s| {
+            let named = |rest: &str| {
+                if rest.is_empty() {
+                    Err(" (a name must follow the colon)".to_string())
+                } else {
+                    Ok(rest.to_string())
+                }
+            };
+            match s.split_once(':') {
+                None if s == "client_ip" => Ok(HashKey::ClientIp),
+                None if s == "path" => Ok(HashKey::Path),
+                Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                    .map(HashKey::Header)
+                    .map_err(|_| " (not a valid header name)".to_string()),
+                Some(("cookie", name)) => named(name).map(HashKey::Cookie),
+                Some(("query", name)) => named(name).map(HashKey::Query),
+                _ => Err(
+                    " (expected client_ip, path, header:NAME, cookie:NAME or query:NAME)".into(),
+                ),
+            }
         })
     }
 
@@ -790,7 +839,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, health_check, passive, retries, retry_budget, timeouts)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, timeouts)",
             ]
         );
     }

@@ -80,20 +80,41 @@ pub enum HostMatch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Balance {
     RoundRobin,
+    LeastConnections,
+    ConsistentHash,
 }
 
 impl Balance {
     pub fn name(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
+            Balance::LeastConnections => "least_connections",
+            Balance::ConsistentHash => "consistent_hash",
         }
     }
+}
+
+/// What a consistent-hash upstream hashes. A request without it is balanced round robin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// The TCP peer's address.
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
+    /// The path, without the query string.
+    Path,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
+    /// Consistent hashing only. Default `client_ip`.
+    pub hash_key: HashKey,
+    /// Consistent hashing only: no backend takes more than this times its share
+    /// of the requests in flight (bounded loads). Off by default.
+    pub hash_balance_factor: Option<f64>,
     pub backends: Vec<BackendConfig>,
     /// TCP connect to a backend. Default 5s.
     pub connect_timeout: Duration,

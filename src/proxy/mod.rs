@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod error;
+pub mod hash_key;
 pub mod headers;
 pub mod pool;
 
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Activity;
+use crate::config::Balance;
 use crate::health;
 use crate::state::{Snapshot, State};
 use crate::upstream::Upstream;
@@ -131,6 +133,10 @@ async fn forward(
         .upstream
         .insert(snapshot.upstreams[index].clone())
         .clone();
+    let key = match upstream.balance {
+        Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
+        _ => None,
+    };
     // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
     let upgrade = headers::upgrade_protocol(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -156,7 +162,7 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     let mut out = Request::from_parts(parts, Either::Left(body));
-    let mut resp = send_with_retries(&upstream, &mut out, ex).await?;
+    let mut resp = send_with_retries(&upstream, key, &mut out, ex).await?;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client_upgrade), Some(protocol)) = (
@@ -182,10 +188,11 @@ async fn forward(
 /// could not take it and that is safe: the connection failed (nothing was sent),
 /// or the backend broke off before answering a request that can be replayed
 /// (idempotent, no body). Never the same backend twice, at most `retries` extra
-/// attempts, and only as the retry budget allows. A timeout is not retried: the
-/// backend may still be working on the request.
+/// attempts, and, for requests that reached a backend, only as the retry budget
+/// allows. A timeout is not retried: the backend may still be working on it.
 async fn send_with_retries(
     upstream: &Upstream,
+    key: Option<u64>,
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
@@ -197,14 +204,17 @@ async fn send_with_retries(
     upstream.retry_budget.deposit();
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut last = ProxyError::NoBackend;
+    // A request that reached no backend (the connection failed) is sent again
+    // without spending the budget: it loaded nobody.
+    let mut reached_backend = false;
     for attempt in 0..=(upstream.retries as usize).min(MAX_ATTEMPTS - 1) {
         if attempt > 0 {
-            if !upstream.retry_budget.withdraw() {
+            if reached_backend && !upstream.retry_budget.withdraw() {
                 break;
             }
             upstream.retried.increment(1);
         }
-        let Some(chosen) = upstream.pick_index(&tried[..attempt]) else {
+        let Some(chosen) = upstream.pick_index(&tried[..attempt], key) else {
             break;
         };
         tried[attempt] = chosen;
@@ -234,6 +244,7 @@ async fn send_with_retries(
                 tracing::debug!(backend = %backend.address, "connect failed: {e}");
                 health::record_exchange(upstream, chosen, false);
                 *out = *back;
+                reached_backend = false;
                 last = ProxyError::Connect;
             }
             Ok(Err(SendError::Exchange(e))) => {
@@ -243,6 +254,7 @@ async fn send_with_retries(
                     Some(t) => *out = pool::copy_request(t),
                     None => return Err(ProxyError::Broken),
                 }
+                reached_backend = true;
                 last = ProxyError::Broken;
             }
         }

@@ -39,6 +39,8 @@ pub struct TestBackend {
     pub health: Arc<AtomicUsize>,
     /// Answer 500 to every request but `/healthz`.
     pub fail_all: Arc<std::sync::atomic::AtomicBool>,
+    /// Wait this many milliseconds before answering any request but `/healthz`.
+    pub delay_ms: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -65,9 +67,11 @@ impl TestBackend {
         let connections = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(AtomicUsize::new(HEALTH_OK));
         let fail_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicUsize::new(0));
         let behaviour = Behaviour {
             health: health.clone(),
             fail_all: fail_all.clone(),
+            delay_ms: delay_ms.clone(),
             probes: Arc::new(AtomicUsize::new(0)),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -112,6 +116,7 @@ impl TestBackend {
             connections,
             health,
             fail_all,
+            delay_ms,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -154,6 +159,7 @@ pub const HEALTH_FLAP: usize = 2;
 struct Behaviour {
     health: Arc<AtomicUsize>,
     fail_all: Arc<std::sync::atomic::AtomicBool>,
+    delay_ms: Arc<AtomicUsize>,
     probes: Arc<AtomicUsize>,
 }
 
@@ -175,6 +181,10 @@ async fn answer(
             *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         }
         return Ok(resp);
+    }
+    let delay = behaviour.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
     if behaviour.fail_all.load(Ordering::SeqCst) {
         let mut resp = Response::new(full(format!("{name} fails")));
