@@ -89,10 +89,12 @@ impl BackendState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Counts a request as in flight until the returned guard is dropped.
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+    /// Counts a request as in flight, here and in its upstream's `total`, until
+    /// the returned guard is dropped.
+    pub fn begin_request(self: &Arc<Self>, total: &Arc<AtomicUsize>) -> InFlight {
         self.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        total.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone(), total.clone())
     }
 }
 
@@ -100,11 +102,12 @@ impl BackendState {
 /// response body, so the count drops when the body ends or the client goes away,
 /// not when the headers arrive.
 #[derive(Debug)]
-pub struct InFlight(Arc<BackendState>);
+pub struct InFlight(Arc<BackendState>, Arc<AtomicUsize>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -108,7 +108,8 @@ fn build_upstream(
             Backend::new(&config.name, b, state, pool)
         })
         .collect();
-    Upstream::new(config, backends)
+    let in_flight = previous.map_or_else(Default::default, |p| p.in_flight.clone());
+    Upstream::new(config, backends, in_flight)
 }
 
 /// The current snapshot, shared by every thread.

@@ -1,7 +1,8 @@
 //! An upstream: a named group of backends, how to choose among them, how to
 //! reach them, and when to try another.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
@@ -22,6 +23,8 @@ pub struct Upstream {
     /// In config order; selectors answer with indexes into this.
     pub backends: Vec<Backend>,
     selector: Selector,
+    /// Requests in flight to all its backends; kept across reloads with the upstream's name.
+    pub in_flight: Arc<AtomicUsize>,
     pub response_timeout: Duration,
     pub health_check: Option<HealthCheckConfig>,
     pub passive: Option<PassiveConfig>,
@@ -36,12 +39,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, backends: Vec<Backend>) -> Self {
+    pub fn new(
+        config: &UpstreamConfig,
+        backends: Vec<Backend>,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Upstream {
             name: config.name.clone(),
             balance: config.balance,
             hash_key: config.hash_key.clone(),
+            in_flight,
             selector: match config.balance {
                 Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(&weights)),
                 Balance::LeastConnections => {
@@ -75,12 +83,7 @@ impl Upstream {
     pub fn pick_index(&self, tried: &[usize], key: Option<u64>) -> Option<usize> {
         let untried = |i: usize| !tried.contains(&i);
         let load = |i: usize| self.backends[i].state.active_requests();
-        let total = || {
-            self.backends
-                .iter()
-                .map(|b| b.state.active_requests())
-                .sum()
-        };
+        let total = || self.in_flight.load(Ordering::Relaxed);
         let usable = |i: usize| untried(i) && self.backends[i].state.is_usable();
         match self.selector.pick(key, usable, load, total) {
             None if self.fail_open => self.selector.pick(key, untried, load, total),

@@ -154,3 +154,23 @@ proptest! {
         prop_assert_eq!(counts, expected);
     }
 }
+
+#[test]
+fn ten_backends_remove_one_add_one() {
+    let ten = names(10);
+    let nine: Vec<String> = ten[..9].to_vec();
+    let eleven = names(11);
+    let base = placement(&ring(&ten, &[1; 10]), &ten, |_| true);
+    let moved = |other: &[&str]| {
+        base.iter().zip(other).filter(|(a, b)| a != b).count() as f64 / KEYS as f64
+    };
+    let removed = moved(&placement(&ring(&nine, &[1; 9]), &nine, |_| true));
+    let added = moved(&placement(&ring(&eleven, &[1; 11]), &eleven, |_| true));
+    eprintln!(
+        "10 backends: removing one moved {:.2}% of keys, adding an 11th moved {:.2}%",
+        removed * 100.0,
+        added * 100.0
+    );
+    assert!(removed <= 0.1 + 0.01, "{removed}");
+    assert!(added <= 1.0 / 11.0 + 0.01, "{added}");
+}

@@ -10,13 +10,13 @@
 //! A pick compares `load_a × weight_b` with `load_b × weight_a`: no division.
 //! Upstreams of more than `WINDOW` backends compare a rotating window of that
 //! many, which bounds the cost of a pick (the exact minimum over 10 000 backends
-//! would cost microseconds) at the price of choosing the least loaded of 64
+//! would cost microseconds) at the price of choosing the least loaded of 32
 //! rather than of all.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The most backends one pick compares.
-pub const WINDOW: usize = 64;
+pub const WINDOW: usize = 32;
 
 #[derive(Debug)]
 pub struct LeastConnections {
@@ -45,8 +45,7 @@ impl LeastConnections {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut best: Option<(usize, u64, u64)> = None;
         let mut compared = 0;
-        for k in 0..n {
-            let i = (start + k) % n;
+        for i in (start..n).chain(0..start) {
             if !usable(i) {
                 continue;
             }

@@ -220,7 +220,7 @@ async fn send_with_retries(
         tried[attempt] = chosen;
         let backend = &upstream.backends[chosen];
         ex.backend = Some(chosen);
-        ex.in_flight = Some(backend.state.begin_request());
+        ex.in_flight = Some(backend.state.begin_request(&upstream.in_flight));
         let mut target = std::mem::take(out.uri_mut()).into_parts();
         target.scheme = Some(Scheme::HTTP);
         target.authority = Some(backend.authority.clone());
