@@ -36,6 +36,8 @@ pub struct BackendState {
     pub(crate) ejected_until: AtomicU64,
     /// Ejections in a row without a clean spell between them: each doubles the next.
     pub(crate) ejections: AtomicU32,
+    /// When the backend last came (back) into rotation, for slow start; 0: not ramping.
+    pub(crate) ramp_started: AtomicU64,
 }
 
 impl Default for BackendState {
@@ -53,7 +55,31 @@ impl BackendState {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            ramp_started: AtomicU64::new(0),
         }
+    }
+
+    /// Starts a slow-start ramp at `at` (a `now_ms()` time).
+    pub fn start_ramp(&self, at: u64) {
+        self.ramp_started.store(at, Ordering::Relaxed);
+    }
+
+    /// The share of its weight a backend in slow start should get now (0 to 1);
+    /// 1 when it is not ramping.
+    pub fn ramp(&self, window: Duration) -> f64 {
+        let started = self.ramp_started.load(Ordering::Relaxed);
+        if started == 0 {
+            return 1.0;
+        }
+        let now = now_ms();
+        let elapsed = now.saturating_sub(started) as f64;
+        let window = window.as_millis().max(1) as f64;
+        if now >= started && elapsed >= window {
+            self.ramp_started.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        // Before `started` (an ejection not yet over) counts as the ramp's start.
+        (elapsed / window).max(0.01)
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -110,9 +110,10 @@ pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
     };
     let n = state.ejections.fetch_add(1, Ordering::Relaxed);
     let length = rule.length(n);
-    state
-        .ejected_until
-        .store(now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+    let until = now_ms() + length.as_millis() as u64;
+    state.ejected_until.store(until, Ordering::Relaxed);
+    // When it comes back, it ramps up from there.
+    state.start_ramp(until);
     tracing::warn!(
         upstream = %upstream.name,
         backend = %backend.address,
@@ -220,6 +221,9 @@ impl Target {
             self.state.probe_streak.store(streak, Ordering::Relaxed);
             if let Some(up) = flip {
                 self.state.set_healthy(up);
+                if up {
+                    self.state.start_ramp(now_ms());
+                }
                 transitions[usize::from(up)].increment(1);
                 let why = match &result {
                     Ok(code) => format!("status {code}"),

@@ -93,7 +93,12 @@ fn build_upstream(
                     .health_check
                     .as_ref()
                     .is_none_or(|h| h.initial_healthy);
-                Arc::new(BackendState::new(initial))
+                let state = BackendState::new(initial);
+                // A backend added by a reload ramps up; the first config's do not.
+                if previous.is_some() && config.slow_start.is_some() {
+                    state.start_ramp(crate::backend::now_ms());
+                }
+                Arc::new(state)
             });
             let pool = match old {
                 Some(old) if old.pool.settings() == settings => old.pool.clone(),

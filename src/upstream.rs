@@ -1,7 +1,7 @@
 //! An upstream: a named group of backends, how to choose among them, how to
 //! reach them, and when to try another.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub struct Upstream {
     pub retry_budget: RetryBudget,
     pub retried: Counter,
     pub fail_open: bool,
+    pub slow_start: Option<Duration>,
+    /// Drives slow start's admissions: a counter hashed into a fraction.
+    admissions: AtomicU64,
     pub duration: Histogram,
     /// Replies made for this upstream without a backend (503: none usable).
     pub unserved: RequestCounters,
@@ -71,6 +74,8 @@ impl Upstream {
             retry_budget: RetryBudget::new(config.retry_budget),
             retried: m::retries(&config.name),
             fail_open: config.fail_open,
+            slow_start: config.slow_start,
+            admissions: AtomicU64::new(0),
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),
         }
@@ -84,11 +89,30 @@ impl Upstream {
         let untried = |i: usize| !tried.contains(&i);
         let load = |i: usize| self.backends[i].state.active_requests();
         let total = || self.in_flight.load(Ordering::Relaxed);
-        let usable = |i: usize| untried(i) && self.backends[i].state.is_usable();
+        let usable = |i: usize| untried(i) && self.backends[i].state.is_usable() && self.admits(i);
         match self.selector.pick(key, usable, load, total) {
             None if self.fail_open => self.selector.pick(key, untried, load, total),
             chosen => chosen,
         }
+    }
+
+    /// Slow start: a backend ramping up takes a pick with probability equal to
+    /// its ramp (0 to 1), so its share of round robin or least connections
+    /// grows linearly over the window. Consistent hashing is left alone: keys
+    /// must not flap between backends.
+    fn admits(&self, i: usize) -> bool {
+        let Some(window) = self.slow_start else {
+            return true;
+        };
+        if self.balance == Balance::ConsistentHash {
+            return true;
+        }
+        let ramp = self.backends[i].state.ramp(window);
+        if ramp >= 1.0 {
+            return true;
+        }
+        let draw = crate::balance::hash::mix(self.admissions.fetch_add(1, Ordering::Relaxed));
+        ((draw % 10_000) as f64) < ramp * 10_000.0
     }
 }
 

@@ -254,3 +254,39 @@ fn passive_detection_ejects_a_backend_that_fails_requests() {
     assert_eq!(failures, 3);
     assert_eq!(get(lb.addr, "/").body, "a");
 }
+
+#[test]
+fn slow_start_ramps_a_returning_backend_up() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let lb = Balancer::start(&checked_config(&[&a, &b], "    slow_start: 1s\n"));
+    b.health.store(HEALTH_FAIL, Ordering::SeqCst);
+    wait_until(Duration::from_secs(5), "b down", || {
+        !shown_healthy(lb.admin(), b.addr)
+    });
+    b.health.store(HEALTH_OK, Ordering::SeqCst);
+    wait_until(Duration::from_secs(5), "b up", || {
+        shown_healthy(lb.admin(), b.addr)
+    });
+    let back = Instant::now();
+    let mut client = KeepAlive::new(lb.addr);
+    let (mut early, mut early_b) = (0, 0);
+    while back.elapsed() < Duration::from_millis(250) {
+        early += 1;
+        early_b += usize::from(client.get("/").unwrap().1 == "b");
+    }
+    // Over its first quarter of the window, b averages an eighth of its weight.
+    assert!(
+        early > 50 && early_b * 4 < early,
+        "b took {early_b} of {early} early requests"
+    );
+    wait_until(Duration::from_secs(5), "the ramp to end", || {
+        back.elapsed() > Duration::from_millis(1100)
+    });
+    let late_b = (0..200)
+        .filter(|_| client.get("/").unwrap().1 == "b")
+        .count();
+    assert!(
+        (70..=130).contains(&late_b),
+        "b took {late_b} of 200 after the ramp"
+    );
+}

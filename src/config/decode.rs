@@ -393,6 +393,9 @@ impl Decoder<'_> {
             Self::retry_budget,
         );
         let fail_open = self.optional(&mut f, "fail_open", false, Self::boolean);
+        let slow_start = self.optional(&mut f, "slow_start", None, |d, n, p| {
+            d.duration(n, p).map(Some)
+        });
         self.finish(f);
         Some(UpstreamConfig {
             name: name.to_string(),
@@ -408,6 +411,7 @@ impl Decoder<'_> {
             retries: retries?,
             retry_budget: retry_budget?,
             fail_open: fail_open?,
+            slow_start: slow_start?,
         })
     }
 
@@ -839,7 +843,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, timeouts)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, timeouts)",
             ]
         );
     }

@@ -131,6 +131,9 @@ pub struct UpstreamConfig {
     pub retry_budget: RetryBudgetConfig,
     /// When no backend is usable, try them anyway instead of answering 503. Default false.
     pub fail_open: bool,
+    /// A backend that comes back or is added ramps its share of traffic up
+    /// linearly over this window (round robin and least connections). Off by default.
+    pub slow_start: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
