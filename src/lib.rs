@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod sticky;
 pub mod upstream;
 
 pub use config::Config;

@@ -18,6 +18,7 @@ pub const CONFIG_RELOADS: &str = "bascule_config_reloads_total";
 pub const CONNECTIONS_OPENED: &str = "bascule_backend_connections_opened_total";
 pub const HEALTH_TRANSITIONS: &str = "bascule_health_transitions_total";
 pub const RETRIES: &str = "bascule_retries_total";
+pub const STICKY_REJECTED: &str = "bascule_sticky_rejected_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -104,6 +105,12 @@ pub fn health_transition(upstream: &str, backend: &str, to_healthy: bool) -> Cou
 pub fn retries(upstream: &str) -> Counter {
     handle();
     metrics::counter!(RETRIES, "upstream" => upstream.to_string())
+}
+
+/// Sticky cookies not honoured, by reason.
+pub fn sticky_rejected(upstream: &str, reason: &str) -> Counter {
+    handle();
+    metrics::counter!(STICKY_REJECTED, "upstream" => upstream.to_string(), "reason" => reason.to_string())
 }
 
 pub fn config_reload(success: bool) {

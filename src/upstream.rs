@@ -13,6 +13,7 @@ use crate::config::{
     Balance, HashKey, HealthCheckConfig, PassiveConfig, RetryBudgetConfig, UpstreamConfig,
 };
 use crate::metrics::{self as m, RequestCounters};
+use crate::sticky::Sticky;
 
 #[derive(Debug)]
 pub struct Upstream {
@@ -34,6 +35,7 @@ pub struct Upstream {
     pub retried: Counter,
     pub fail_open: bool,
     pub slow_start: Option<Duration>,
+    pub sticky: Option<Sticky>,
     /// Drives slow start's admissions: a counter hashed into a fraction.
     admissions: AtomicU64,
     pub duration: Histogram,
@@ -47,6 +49,10 @@ impl Upstream {
         backends: Vec<Backend>,
         in_flight: Arc<AtomicUsize>,
     ) -> Self {
+        let sticky = config.sticky.as_ref().map(|s| {
+            let addresses: Vec<&str> = backends.iter().map(|b| b.address.as_str()).collect();
+            Sticky::new(s, &config.name, &addresses)
+        });
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Upstream {
             name: config.name.clone(),
@@ -75,6 +81,7 @@ impl Upstream {
             retried: m::retries(&config.name),
             fail_open: config.fail_open,
             slow_start: config.slow_start,
+            sticky,
             admissions: AtomicU64::new(0),
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),
@@ -94,6 +101,11 @@ impl Upstream {
             None if self.fail_open => self.selector.pick(key, untried, load, total),
             chosen => chosen,
         }
+    }
+
+    /// Whether backend `i` may take a request now (health, ejection; no slow-start draw).
+    pub fn is_usable(&self, i: usize) -> bool {
+        self.backends[i].state.is_usable()
     }
 
     /// Slow start: a backend ramping up takes a pick with probability equal to

@@ -396,6 +396,7 @@ impl Decoder<'_> {
         let slow_start = self.optional(&mut f, "slow_start", None, |d, n, p| {
             d.duration(n, p).map(Some)
         });
+        let sticky = self.optional(&mut f, "sticky", None, |d, n, p| d.sticky(n, p).map(Some));
         self.finish(f);
         Some(UpstreamConfig {
             name: name.to_string(),
@@ -412,6 +413,7 @@ impl Decoder<'_> {
             retry_budget: retry_budget?,
             fail_open: fail_open?,
             slow_start: slow_start?,
+            sticky: sticky?,
         })
     }
 
@@ -437,6 +439,120 @@ impl Decoder<'_> {
                 ),
             }
         })
+    }
+
+    fn sticky(&mut self, node: &Node, path: &str) -> Option<StickyConfig> {
+        let mut f = self.fields(node, path)?;
+        let cookie = self.optional(
+            &mut f,
+            "cookie",
+            "bascule_affinity".to_string(),
+            |d, n, p| {
+                d.parsed(n, p, "a cookie name", |s| {
+                    let token =
+                        |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                    if !s.is_empty() && s.bytes().all(token) {
+                        Ok(s.to_string())
+                    } else {
+                        Err(" (letters, digits and !#$%&'*+-.^_`|~ only)".into())
+                    }
+                })
+            },
+        );
+        let ttl = self.optional(&mut f, "ttl", Duration::from_secs(3600), Self::duration);
+        let inline = f.get("secret");
+        let file = f.get("secret_file");
+        let secrets = match (inline, file) {
+            (Some((n, p)), None) => self.string(n, &p).map(|s| vec![s.into_bytes()]),
+            (None, Some((n, p))) => self.secret_file(n, &p),
+            (None, None) => Some(Vec::new()),
+            (Some(_), Some((n, p))) => {
+                self.problem(Some(n.pos), &p, "give secret or secret_file, not both");
+                None
+            }
+        };
+        let cookie_path = self.optional(&mut f, "path", "/".to_string(), |d, n, p| {
+            d.parsed(n, p, "a cookie path", |s| {
+                if s.starts_with('/')
+                    && !s
+                        .bytes()
+                        .any(|b| b == b';' || b.is_ascii_control() || b == b' ')
+                {
+                    Ok(s.to_string())
+                } else {
+                    Err(" (it must start with / and hold no ; or spaces)".into())
+                }
+            })
+        });
+        let http_only = self.optional(&mut f, "http_only", true, Self::boolean);
+        let same_site = self.optional(&mut f, "same_site", SameSite::Lax, |d, n, p| {
+            d.parsed(n, p, "a SameSite value", |s| match s {
+                "lax" | "Lax" => Ok(SameSite::Lax),
+                "strict" | "Strict" => Ok(SameSite::Strict),
+                "none" | "None" => Ok(SameSite::None),
+                _ => Err(" (expected lax, strict or none)".into()),
+            })
+        });
+        let secure = self.optional(&mut f, "secure", None, |d, n, p| {
+            d.parsed(n, p, "a Secure setting", |s| match s {
+                "auto" => Ok(None),
+                "always" | "true" => Ok(Some(true)),
+                "never" | "false" => Ok(Some(false)),
+                _ => Err(" (expected auto, always or never)".into()),
+            })
+        });
+        self.finish(f);
+        let ttl = ttl?;
+        if ttl.as_secs() == 0 {
+            self.problem(
+                Some(node.pos),
+                &join(path, "ttl"),
+                "must be at least one second",
+            );
+            return None;
+        }
+        Some(StickyConfig {
+            cookie: cookie?,
+            ttl,
+            secrets: secrets?,
+            path: cookie_path?,
+            http_only: http_only?,
+            same_site: same_site?,
+            secure: secure?,
+        })
+    }
+
+    /// One secret per line, blank lines skipped; relative to the config file.
+    fn secret_file(&mut self, node: &Node, path: &str) -> Option<Vec<Vec<u8>>> {
+        let name = self.string(node, path)?;
+        let file = self.base.join(&name);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let secrets: Vec<Vec<u8>> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.as_bytes().to_vec())
+                    .collect();
+                if secrets.is_empty() {
+                    self.problem(
+                        Some(node.pos),
+                        path,
+                        format!("{} holds no secret", file.display()),
+                    );
+                    return None;
+                }
+                Some(secrets)
+            }
+            Err(e) => {
+                self.problem(
+                    Some(node.pos),
+                    path,
+                    format!("cannot read {}: {e}", file.display()),
+                );
+                None
+            }
+        }
     }
 
     fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
@@ -843,17 +959,20 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, timeouts)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, sticky, timeouts)",
             ]
         );
     }
 
     #[test]
     fn keys_of_later_features_are_unknown() {
-        let text = format!("{MINIMAL}    sticky: {{ cookie: x }}\n");
+        let text = format!("{MINIMAL}    drain_timeout: 5s\n");
         let p = problems(&text);
         assert_eq!(p.len(), 1);
-        assert!(p[0].contains("upstreams.app.sticky: unknown key"), "{p:?}");
+        assert!(
+            p[0].contains("upstreams.app.drain_timeout: unknown key"),
+            "{p:?}"
+        );
     }
 
     #[test]

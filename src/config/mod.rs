@@ -131,9 +131,38 @@ pub struct UpstreamConfig {
     pub retry_budget: RetryBudgetConfig,
     /// When no backend is usable, try them anyway instead of answering 503. Default false.
     pub fail_open: bool,
+    /// Cookie affinity, on top of any balance.
+    pub sticky: Option<StickyConfig>,
     /// A backend that comes back or is added ramps its share of traffic up
     /// linearly over this window (round robin and least connections). Off by default.
     pub slow_start: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StickyConfig {
+    /// Default `bascule_affinity`.
+    pub cookie: String,
+    /// The cookie's Max-Age, and how long a cookie is honoured. Default 1h.
+    pub ttl: std::time::Duration,
+    /// From `secret` or `secret_file` (one per line): the first signs, all verify.
+    /// Empty when neither is given: a random per-process secret is used (and
+    /// instances no longer honour each other's cookies).
+    pub secrets: Vec<Vec<u8>>,
+    /// Default `/`.
+    pub path: String,
+    /// Default true.
+    pub http_only: bool,
+    /// Default lax.
+    pub same_site: SameSite,
+    /// `None` (default): Secure on TLS listeners only; `Some(b)`: always or never.
+    pub secure: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

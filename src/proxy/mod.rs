@@ -137,6 +137,10 @@ async fn forward(
         Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
         _ => None,
     };
+    let pinned = upstream
+        .sticky
+        .as_ref()
+        .and_then(|sticky| sticky.pinned(&upstream.name, &req));
     // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
     let upgrade = headers::upgrade_protocol(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -162,7 +166,14 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     let mut out = Request::from_parts(parts, Either::Left(body));
-    let mut resp = send_with_retries(&upstream, key, &mut out, ex).await?;
+    let mut resp = send_with_retries(&upstream, key, pinned, &mut out, ex).await?;
+    if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
+        // A client pinned to the backend that served it needs no new cookie.
+        if pinned != Some(chosen) {
+            let cookie = sticky.set_cookie(&upstream.name, chosen, sticky.ids[chosen], cx.tls);
+            resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+        }
+    }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client_upgrade), Some(protocol)) = (
@@ -193,6 +204,7 @@ async fn forward(
 async fn send_with_retries(
     upstream: &Upstream,
     key: Option<u64>,
+    pinned: Option<usize>,
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
@@ -214,7 +226,14 @@ async fn send_with_retries(
             }
             upstream.retried.increment(1);
         }
-        let Some(chosen) = upstream.pick_index(&tried[..attempt], key) else {
+        let sticky_choice = pinned.filter(|&i| attempt == 0 && upstream.is_usable(i));
+        if attempt == 0 && pinned.is_some() && sticky_choice.is_none() {
+            if let Some(sticky) = &upstream.sticky {
+                sticky.count_unusable();
+            }
+        }
+        let Some(chosen) = sticky_choice.or_else(|| upstream.pick_index(&tried[..attempt], key))
+        else {
             break;
         };
         tried[attempt] = chosen;

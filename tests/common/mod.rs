@@ -223,6 +223,13 @@ async fn answer(
         let stream = futures_stream(total, chunk);
         return Ok(Response::new(stream));
     }
+    if path == "/setcookie" {
+        let resp = Response::builder()
+            .header("set-cookie", "app=1; Path=/")
+            .body(full(name.clone()))
+            .unwrap();
+        return Ok(resp);
+    }
     if path == "/upload" {
         let mut n = 0u64;
         let mut body = req.into_body();
