@@ -50,7 +50,16 @@ pub struct Server {
     reloaded: Arc<Notify>,
     shutdown: CancellationToken,
     threads: Vec<JoinHandle<()>>,
-    listeners: Vec<SocketAddr>,
+    /// One per worker, for listeners that a reload adds or removes.
+    commands: Vec<tokio::sync::mpsc::UnboundedSender<WorkerCommand>>,
+    /// A new admin socket for the control thread, when a reload moves it.
+    admin_tx: tokio::sync::mpsc::UnboundedSender<Option<std::net::TcpListener>>,
+    bound: std::sync::Mutex<Bindings>,
+}
+
+/// What is bound now: (configured bind, real address) per listener, and the admin address.
+struct Bindings {
+    listeners: Vec<(SocketAddr, SocketAddr)>,
     admin: Option<SocketAddr>,
 }
 
@@ -59,6 +68,28 @@ pub struct Server {
 struct Bound {
     key: SocketAddr,
     socket: std::net::TcpListener,
+}
+
+/// What a reload asks of a worker.
+enum WorkerCommand {
+    /// Start accepting on this socket.
+    Listen(Bound),
+    /// Stop accepting on this listener; its connections finish their requests and close.
+    Close(SocketAddr),
+}
+
+/// Binds one `SO_REUSEPORT` socket per worker for `bind`; also returns the real
+/// address, which differs when the port was 0.
+fn bind_for_workers(bind: SocketAddr, workers: usize) -> io::Result<(Vec<Bound>, SocketAddr)> {
+    let mut addr = bind;
+    let mut sockets = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let socket = bind_reuseport(addr)?;
+        // Port 0 asks the kernel for a port; every worker's socket must then share it.
+        addr = socket.local_addr()?;
+        sockets.push(Bound { key: bind, socket });
+    }
+    Ok((sockets, addr))
 }
 
 impl Server {
@@ -71,22 +102,16 @@ impl Server {
         let mut per_worker: Vec<Vec<Bound>> = (0..workers).map(|_| Vec::new()).collect();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let bind_err = |source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            };
-            // Port 0 asks the kernel for a port; every worker's socket must then share it.
-            let mut addr = l.bind;
-            for worker in per_worker.iter_mut() {
-                let socket = bind_reuseport(addr).map_err(bind_err)?;
-                addr = socket.local_addr().map_err(bind_err)?;
-                worker.push(Bound {
-                    key: l.bind,
-                    socket,
-                });
+            let (sockets, addr) =
+                bind_for_workers(l.bind, workers).map_err(|source| StartError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?;
+            for (worker, socket) in per_worker.iter_mut().zip(sockets) {
+                worker.push(socket);
             }
-            listeners.push(addr);
+            listeners.push((l.bind, addr));
         }
         let admin_socket =
             match &config.admin {
@@ -104,7 +129,10 @@ impl Server {
         let state = Arc::new(State::new(Snapshot::build(Arc::new(config), None)));
         let shutdown = CancellationToken::new();
         let mut threads = Vec::new();
+        let mut commands = Vec::new();
         for (i, sockets) in per_worker.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            commands.push(tx);
             let worker = Worker {
                 state: state.clone(),
                 shutdown: shutdown.clone(),
@@ -112,20 +140,24 @@ impl Server {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || worker.run(i, sockets))
+                .spawn(move || worker.run(i, sockets, rx))
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
         let reloaded = Arc::new(Notify::new());
+        let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
+        if admin_socket.is_some() {
+            let _ = admin_tx.send(admin_socket);
+        }
         {
             let (state, shutdown, reloaded) = (state.clone(), shutdown.clone(), reloaded.clone());
             let handle = std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || control(state, shutdown, reloaded, admin_socket))
+                .spawn(move || control(state, shutdown, reloaded, admin_rx))
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
-        for (l, addr) in state.load().config.listeners.iter().zip(&listeners) {
+        for (l, (_, addr)) in state.load().config.listeners.iter().zip(&listeners) {
             tracing::info!(listener = %l.name, "listening on {addr}");
         }
         if let Some(addr) = admin_addr {
@@ -136,18 +168,23 @@ impl Server {
             reloaded,
             shutdown,
             threads,
-            listeners,
-            admin: admin_addr,
+            commands,
+            admin_tx,
+            bound: std::sync::Mutex::new(Bindings {
+                listeners,
+                admin: admin_addr,
+            }),
         })
     }
 
     /// The address each listener is bound to, in config order (the real port when the config said 0).
-    pub fn listener_addrs(&self) -> &[SocketAddr] {
-        &self.listeners
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.listeners.iter().map(|(_, addr)| *addr).collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin
+        self.bound.lock().unwrap_or_else(|e| e.into_inner()).admin
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -174,7 +211,7 @@ fn control(
     state: Arc<State>,
     shutdown: CancellationToken,
     reloaded: Arc<Notify>,
-    admin_socket: Option<std::net::TcpListener>,
+    mut admin_sockets: tokio::sync::mpsc::UnboundedReceiver<Option<std::net::TcpListener>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -184,9 +221,8 @@ fn control(
         Err(e) => return tracing::error!("cannot start the control runtime: {e}"),
     };
     rt.block_on(async move {
-        if let Some(socket) = admin_socket {
-            tokio::spawn(admin::serve(socket, state.clone(), shutdown.clone()));
-        }
+        // The admin listener being served; a reload that moves it sends a new socket.
+        let mut admin_stop: Option<CancellationToken> = None;
         let mut checks = HealthChecks::default();
         checks.sync(&state.load());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -194,6 +230,16 @@ fn control(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = reloaded.notified() => checks.sync(&state.load()),
+                Some(socket) = admin_sockets.recv() => {
+                    if let Some(stop) = admin_stop.take() {
+                        stop.cancel();
+                    }
+                    if let Some(socket) = socket {
+                        let stop = shutdown.child_token();
+                        tokio::spawn(admin::serve(socket, state.clone(), stop.clone()));
+                        admin_stop = Some(stop);
+                    }
+                }
                 _ = tick.tick() => {
                     for upstream in &state.load().upstreams {
                         upstream.retry_budget.top_up();
@@ -239,7 +285,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, index: usize, sockets: Vec<Bound>) {
+    fn run(
+        self,
+        index: usize,
+        sockets: Vec<Bound>,
+        mut commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
+    ) {
         crate::proxy::pool::set_worker(index);
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -255,20 +306,28 @@ impl Worker {
         let worker = Arc::new(self);
         rt.block_on(async move {
             let connections = TaskTracker::new();
+            let mut listening: Vec<(SocketAddr, CancellationToken)> = Vec::new();
             for bound in sockets {
-                match TcpListener::from_std(bound.socket) {
-                    Ok(listener) => {
-                        tokio::spawn(worker.clone().accept(
-                            listener,
-                            bound.key,
-                            connections.clone(),
-                        ));
-                    }
-                    Err(e) => tracing::error!("cannot use the socket for {}: {e}", bound.key),
-                }
+                listening.push((bound.key, worker.listen(bound, &connections)));
             }
             tokio::spawn(purge_idle_connections(worker.state.clone()));
-            worker.shutdown.cancelled().await;
+            loop {
+                tokio::select! {
+                    _ = worker.shutdown.cancelled() => break,
+                    command = commands.recv() => match command {
+                        Some(WorkerCommand::Listen(bound)) => {
+                            listening.push((bound.key, worker.listen(bound, &connections)));
+                        }
+                        Some(WorkerCommand::Close(key)) => listening.retain(|(k, stop)| {
+                            if *k == key {
+                                stop.cancel();
+                            }
+                            *k != key
+                        }),
+                        None => worker.shutdown.cancelled().await,
+                    },
+                }
+            }
             connections.close();
             let grace = worker.state.load().config.shutdown_timeout;
             if tokio::time::timeout(grace, connections.wait())
@@ -284,22 +343,40 @@ impl Worker {
         });
     }
 
+    /// Starts accepting on `bound`; the returned token stops this listener (and
+    /// drains its connections) without touching the others. It is a child of the
+    /// shutdown token, so a shutdown stops it too.
+    fn listen(self: &Arc<Self>, bound: Bound, connections: &TaskTracker) -> CancellationToken {
+        let stop = self.shutdown.child_token();
+        match TcpListener::from_std(bound.socket) {
+            Ok(listener) => {
+                let accepting =
+                    self.clone()
+                        .accept(listener, bound.key, connections.clone(), stop.clone());
+                tokio::spawn(accepting);
+            }
+            Err(e) => tracing::error!("cannot use the socket for {}: {e}", bound.key),
+        }
+        stop
+    }
+
     async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
         key: SocketAddr,
         connections: TaskTracker,
+        stop: CancellationToken,
     ) {
         loop {
             let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 r = listener.accept() => r,
             };
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let tunnels = connections.clone();
-                    connections.spawn(self.clone().serve(stream, peer, key, tunnels));
+                    connections.spawn(self.clone().serve(stream, peer, key, tunnels, stop.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -316,6 +393,7 @@ impl Worker {
         peer: SocketAddr,
         key: SocketAddr,
         tunnels: TaskTracker,
+        stop: CancellationToken,
     ) {
         let Some(listener) = self.state.load().listener(key).map(|l| l.config.clone()) else {
             return; // the listener was removed by a reload after this connection was accepted
@@ -351,7 +429,7 @@ impl Worker {
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = self.shutdown.cancelled() => {
+            _ = stop.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -366,8 +444,8 @@ impl Worker {
 pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("listener and admin binds cannot change on reload yet; restart to change them")]
-    Binds,
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, io::Error),
 }
 
 impl Server {
@@ -388,15 +466,58 @@ impl Server {
     /// Backends that stay keep their state.
     pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
         let current = self.state.load_full();
-        let binds = |c: &Config| {
-            let listeners: Vec<SocketAddr> = c.listeners.iter().map(|l| l.bind).collect();
-            (listeners, c.admin.as_ref().map(|a| a.bind))
-        };
-        if binds(&current.config) != binds(&config) {
-            return Err(ReloadError::Binds);
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        // Bind what is new before anything changes: a bind failure leaves all as it was.
+        let mut added = Vec::new();
+        for l in &config.listeners {
+            if bound.listeners.iter().any(|(key, _)| *key == l.bind) {
+                continue;
+            }
+            let (sockets, addr) = bind_for_workers(l.bind, self.commands.len())
+                .map_err(|e| ReloadError::Bind(l.bind, e))?;
+            added.push((l.name.clone(), l.bind, sockets, addr));
         }
+        let old_admin = current.config.admin.as_ref().map(|a| a.bind);
+        let new_admin = config.admin.as_ref().map(|a| a.bind);
+        let admin_socket = match new_admin {
+            Some(bind) if new_admin != old_admin => {
+                let socket =
+                    std::net::TcpListener::bind(bind).map_err(|e| ReloadError::Bind(bind, e))?;
+                Some(socket)
+            }
+            _ => None,
+        };
+
+        let config = Arc::new(config);
         self.state
-            .store(Snapshot::build(Arc::new(config), Some(&current)));
+            .store(Snapshot::build(config.clone(), Some(&current)));
+        for (name, bind, sockets, addr) in added {
+            for (worker, socket) in self.commands.iter().zip(sockets) {
+                let _ = worker.send(WorkerCommand::Listen(socket));
+            }
+            tracing::info!(listener = %name, "listening on {addr}");
+            bound.listeners.push((bind, addr));
+        }
+        bound.listeners.retain(|(key, addr)| {
+            let keep = config.listeners.iter().any(|l| l.bind == *key);
+            if !keep {
+                for worker in &self.commands {
+                    let _ = worker.send(WorkerCommand::Close(*key));
+                }
+                tracing::info!(
+                    "stopped listening on {addr}; its connections finish their requests"
+                );
+            }
+            keep
+        });
+        if new_admin != old_admin {
+            bound.admin = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
+            if let Some(addr) = bound.admin {
+                tracing::info!("admin listening on {addr}");
+            }
+            // None stops the admin listener.
+            let _ = self.admin_tx.send(admin_socket);
+        }
         self.reloaded.notify_one();
         Ok(())
     }

@@ -1,0 +1,145 @@
+//! Reloads that change listeners, keep sockets and carry backend state.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bascule::config;
+use common::*;
+
+fn reload(lb: &Balancer, yaml: &str) {
+    let config = config::decode(yaml, std::path::Path::new(".")).unwrap();
+    lb.server().reload(config).unwrap();
+}
+
+fn two_listeners(a: &TestBackend, b: &TestBackend) -> String {
+    format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: one }}]\n  - bind: 127.0.0.2:0\n    routes: [{{ upstream: two }}]\nupstreams:\n  one: {{ backends: [{}] }}\n  two: {{ backends: [{}] }}\nadmin: {{ bind: 127.0.0.1:0 }}\n",
+        a.addr, b.addr
+    )
+}
+
+#[test]
+fn a_reload_adds_and_removes_listeners() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let one = simple_config(&[&a])
+        .replace("upstream: app", "upstream: one")
+        .replace("  app:", "  one:");
+    let lb = Balancer::start(&one);
+    assert_eq!(lb.server().listener_addrs().len(), 1);
+
+    reload(&lb, &two_listeners(&a, &b));
+    let addrs = lb.server().listener_addrs();
+    assert_eq!(addrs.len(), 2);
+    assert_eq!(get(addrs[0], "/").body, "a");
+    assert_eq!(get(addrs[1], "/").body, "b");
+
+    // Remove the second while a request is in flight on it: that request finishes.
+    b.delay_ms.store(500, Ordering::SeqCst);
+    let mut s = TcpStream::connect(addrs[1]).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    wait_until(Duration::from_secs(5), "b to get the request", || {
+        b.requests().len() >= 2
+    });
+    reload(&lb, &one);
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert_eq!(parse_reply(&out).body, "b");
+    wait_until(Duration::from_secs(5), "the listener to close", || {
+        TcpStream::connect(addrs[1]).is_err()
+    });
+    assert_eq!(lb.server().listener_addrs(), vec![addrs[0]]);
+    assert_eq!(get(addrs[0], "/").body, "a");
+}
+
+#[test]
+fn reloads_refuse_no_connection_and_fail_no_request() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let lb = Balancer::start(&simple_config(&[&a, &b]));
+    let addr = lb.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            std::thread::spawn(move || {
+                // Half keep their connection, half open one per request.
+                let mut keep = KeepAlive::new(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let ok = if i % 2 == 0 {
+                        matches!(keep.get("/"), Ok((200, _)))
+                    } else {
+                        get(addr, "/").status == 200
+                    };
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for round in 0..20 {
+        let weight = 1 + round % 3;
+        let yaml = simple_config(&[&a, &b]).replace(
+            &format!("      - {}\n", b.addr),
+            &format!("      - {{ address: {}, weight: {weight} }}\n", b.addr),
+        );
+        let before = sent.load(Ordering::Relaxed);
+        reload(&lb, &yaml);
+        wait_until(Duration::from_secs(10), "requests after the reload", || {
+            sent.load(Ordering::Relaxed) > before + 50
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("20 reloads under load: {sent} requests, {failed} failed");
+    assert_eq!(failed, 0);
+}
+
+#[test]
+fn backend_state_survives_a_reload_that_reweights_it() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let lb = Balancer::start(&simple_config(&[&a, &b]));
+    let before = lb.server().state().load_full();
+    before.upstream("app").unwrap().backends[1]
+        .state
+        .set_healthy(false);
+    let yaml = simple_config(&[&a, &b]).replace(
+        &format!("      - {}\n", b.addr),
+        &format!("      - {{ address: {}, weight: 5 }}\n", b.addr),
+    );
+    reload(&lb, &yaml);
+    let after = lb.server().state().load_full();
+    let backend = &after.upstream("app").unwrap().backends[1];
+    assert_eq!(backend.weight, 5);
+    assert!(!backend.state.is_healthy());
+    assert_eq!(tally(lb.addr, 10).get("a"), Some(&10));
+}
+
+#[test]
+fn a_reload_that_cannot_bind_changes_nothing() {
+    let a = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&a]));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let yaml = simple_config(&[&a]).replace(
+        "listeners:\n",
+        &format!(
+            "listeners:\n  - bind: {}\n    routes: [{{ upstream: app }}]\n",
+            taken.local_addr().unwrap()
+        ),
+    );
+    let config = config::decode(&yaml, std::path::Path::new(".")).unwrap();
+    let err = lb.server().reload(config).unwrap_err();
+    assert!(err.to_string().contains("cannot listen on"), "{err}");
+    assert_eq!(lb.server().listener_addrs().len(), 1);
+    assert_eq!(get(lb.addr, "/").body, "a");
+}
