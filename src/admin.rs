@@ -56,13 +56,24 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
 
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    let method = req.method();
+    if let Some(rest) = path.strip_prefix("/upstreams/") {
+        if method != Method::POST {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: use POST\n".into(),
+            );
+        }
+        return drain(state, rest);
+    }
     if !matches!(path, "/status" | "/metrics") {
         return text(
             StatusCode::NOT_FOUND,
-            "404 Not Found: try /status or /metrics\n".into(),
+            "404 Not Found: try /status, /metrics or POST /upstreams/NAME/backends/ADDRESS/drain\n"
+                .into(),
         );
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    if method != Method::GET && method != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "405 Method Not Allowed: use GET\n".into(),
@@ -70,13 +81,81 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     let snapshot = state.load_full();
     let (body, content_type) = if path == "/status" {
-        (status(&snapshot).to_string() + "\n", "application/json")
+        let mut json = status(&snapshot);
+        if let Some(last) = state
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            json["last_reload"] = json!({
+                "result": if last.success { "success" } else { "failure" },
+                "at": last.at,
+                "error": last.error,
+            });
+        }
+        (json.to_string() + "\n", "application/json")
     } else {
         (metrics(&snapshot), "text/plain; version=0.0.4")
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// `POST /upstreams/{upstream}/backends/{address}/drain` (or `/undrain`): a
+/// draining backend gets no new requests or sticky pins and finishes the ones
+/// in flight; its `active_requests` in the reply and in /status tells a deploy
+/// script when it is idle. The flag is kept across reloads that keep the backend.
+fn drain(state: &State, rest: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [upstream, "backends", address, action] = parts[..] else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: POST /upstreams/NAME/backends/ADDRESS/drain or /undrain\n".into(),
+        );
+    };
+    let draining = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "404 Not Found: the action is drain or undrain\n".into(),
+            )
+        }
+    };
+    let snapshot = state.load_full();
+    let Some(backend) = snapshot
+        .upstream(upstream)
+        .and_then(|u| u.backends.iter().find(|b| b.address == address))
+    else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("404 Not Found: no backend {address} in upstream {upstream}\n"),
+        );
+    };
+    backend.state.set_draining(draining);
+    tracing::info!(
+        upstream,
+        backend = address,
+        "{}",
+        if draining {
+            "draining"
+        } else {
+            "no longer draining"
+        }
+    );
+    let body = json!({
+        "upstream": upstream,
+        "address": address,
+        "draining": draining,
+        "active_requests": backend.state.active_requests(),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -104,6 +183,8 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                         "address": b.address,
                         "weight": b.weight,
                         "healthy": b.state.is_healthy(),
+                        "draining": b.state.is_draining(),
+                        "ejected": b.state.ejected_for().is_some(),
                         "active_requests": b.state.active_requests(),
                     })
                 })

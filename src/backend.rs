@@ -27,6 +27,8 @@ pub fn now_ms() -> u64 {
 pub struct BackendState {
     /// The active health checks' verdict.
     healthy: AtomicBool,
+    /// Set by an operator: no new requests or sticky pins; in-flight ones finish.
+    draining: AtomicBool,
     /// Consecutive probe results that disagree with `healthy` (rise/fall progress).
     pub(crate) probe_streak: AtomicU32,
     active: AtomicUsize,
@@ -50,6 +52,7 @@ impl BackendState {
     pub fn new(healthy: bool) -> Self {
         BackendState {
             healthy: AtomicBool::new(healthy),
+            draining: AtomicBool::new(false),
             probe_streak: AtomicU32::new(0),
             active: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -101,8 +104,16 @@ impl BackendState {
     }
 
     /// May new requests go here: healthy and not ejected.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
     pub fn is_usable(&self) -> bool {
-        if !self.is_healthy() {
+        if !self.is_healthy() || self.is_draining() {
             return false;
         }
         // The clock is read only for a backend with an ejection on record.

@@ -456,6 +456,15 @@ impl Server {
             .map_err(ReloadError::from)
             .and_then(|c| self.reload(c));
         crate::metrics::config_reload(result.is_ok());
+        *self
+            .state
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(crate::state::ReloadOutcome {
+            success: result.is_ok(),
+            at: crate::sticky::unix_now(),
+            error: result.as_ref().err().map(ToString::to_string),
+        });
         match result {
             Ok(()) => tracing::info!("reloaded {}", path.display()),
             Err(e) => tracing::error!("reload failed, the running config stays:\n{e}"),

@@ -117,24 +117,40 @@ fn build_upstream(
     Upstream::new(config, backends, in_flight)
 }
 
-/// The current snapshot, shared by every thread.
+/// How the last reload went: for `/status`.
+#[derive(Clone, Debug)]
+pub struct ReloadOutcome {
+    pub success: bool,
+    /// Unix seconds.
+    pub at: u64,
+    /// Every problem, when it failed.
+    pub error: Option<String>,
+}
+
+/// The current snapshot, shared by every thread, and how the last reload went.
 #[derive(Debug)]
-pub struct State(ArcSwap<Snapshot>);
+pub struct State {
+    current: ArcSwap<Snapshot>,
+    pub last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
+}
 
 impl State {
     pub fn new(snapshot: Snapshot) -> Self {
-        State(ArcSwap::from_pointee(snapshot))
+        State {
+            current: ArcSwap::from_pointee(snapshot),
+            last_reload: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn load(&self) -> Guard<Arc<Snapshot>> {
-        self.0.load()
+        self.current.load()
     }
 
     pub fn load_full(&self) -> Arc<Snapshot> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
     pub fn store(&self, snapshot: Snapshot) {
-        self.0.store(Arc::new(snapshot));
+        self.current.store(Arc::new(snapshot));
     }
 }

@@ -199,4 +199,9 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_otherwise() {
         metrics.contains("bascule_config_reloads_total{result=\"failure\"} 1"),
         "{metrics}"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(p.admin.unwrap(), "/status").body).unwrap();
+    assert_eq!(status["last_reload"]["result"], "failure");
+    let error = status["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("YAML syntax"), "{status}");
 }

@@ -143,3 +143,53 @@ fn a_reload_that_cannot_bind_changes_nothing() {
     assert_eq!(lb.server().listener_addrs().len(), 1);
     assert_eq!(get(lb.addr, "/").body, "a");
 }
+
+#[test]
+fn a_drained_backend_finishes_its_requests_and_gets_no_new_ones() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let lb = Balancer::start(&simple_config(&[&a, &b]));
+    let admin = lb.admin();
+    b.delay_ms.store(600, Ordering::SeqCst);
+    // A slow request on b, in flight while b is drained.
+    let addr = lb.addr;
+    let slow = std::thread::spawn(move || (0..2).map(|_| get(addr, "/").body).collect::<Vec<_>>());
+    wait_until(Duration::from_secs(5), "b busy", || {
+        !b.requests().is_empty()
+    });
+    let drain = format!("/upstreams/app/backends/{}/drain", b.addr);
+    let r = http1(admin, "POST", &drain, &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["draining"], true);
+    assert_eq!(v["active_requests"], 1);
+    assert_eq!(tally(lb.addr, 10).get("a"), Some(&10));
+    assert!(slow.join().unwrap().contains(&"b".to_string()));
+    wait_until(Duration::from_secs(5), "b idle", || {
+        let s = status_json(admin);
+        let backends = s["upstreams"]["app"]["backends"]
+            .as_array()
+            .unwrap()
+            .clone();
+        backends
+            .iter()
+            .any(|x| x["draining"] == true && x["active_requests"] == 0)
+    });
+    // Draining survives a reload, and undrain puts it back.
+    reload(&lb, &simple_config(&[&a, &b]));
+    assert_eq!(tally(lb.addr, 6).get("a"), Some(&6));
+    let undrain = format!("/upstreams/app/backends/{}/undrain", b.addr);
+    assert_eq!(http1(admin, "POST", &undrain, &[]).status, 200);
+    b.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(tally(lb.addr, 6).get("b"), Some(&3));
+    assert_eq!(
+        http1(
+            admin,
+            "POST",
+            "/upstreams/app/backends/10.9.9.9:1/drain",
+            &[]
+        )
+        .status,
+        404
+    );
+    assert_eq!(http1(admin, "GET", &drain, &[]).status, 405);
+}

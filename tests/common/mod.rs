@@ -182,6 +182,11 @@ async fn answer(
         }
         return Ok(resp);
     }
+    seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        headers: req.headers().clone(),
+    });
     let delay = behaviour.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
@@ -191,11 +196,6 @@ async fn answer(
         *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         return Ok(resp);
     }
-    seen.lock().unwrap().push(Seen {
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
-        headers: req.headers().clone(),
-    });
     let path = req.uri().path().to_string();
     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
         let on = hyper::upgrade::on(&mut req);
