@@ -12,6 +12,7 @@ pub mod client_io;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod preview;
 pub mod proxy;
 pub mod router;
 pub mod server;

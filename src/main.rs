@@ -33,13 +33,16 @@ enum Command {
     Check {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Also print what a reload from this running config would change.
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.config) {
-        (Some(Command::Check { config }), _) => check(&config),
+        (Some(Command::Check { config, against }), _) => check(&config, against.as_deref()),
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("bascule: give a configuration file with --config FILE (see --help)");
@@ -48,10 +51,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, against: Option<&Path>) -> ExitCode {
     match config::load(path) {
-        Ok(_) => {
+        Ok(new) => {
             println!("{}: ok", path.display());
+            if let Some(old_path) = against {
+                match config::load(old_path) {
+                    Ok(old) => {
+                        let changes = bascule::preview::preview(&old, &new);
+                        if changes.is_empty() {
+                            println!("no change from {}", old_path.display());
+                        }
+                        for line in changes {
+                            println!("{line}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

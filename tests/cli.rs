@@ -205,3 +205,68 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_otherwise() {
     let error = status["last_reload"]["error"].as_str().unwrap();
     assert!(error.contains("YAML syntax"), "{status}");
 }
+
+#[test]
+fn check_against_previews_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = |n: usize| {
+        (1..=n)
+            .map(|i| format!("127.0.0.1:90{i:02}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = |extra_listener: bool, n: usize| {
+        let mut s =
+            String::from("listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{ upstream: app }]\n");
+        if extra_listener {
+            s.push_str("  - bind: 127.0.0.1:8081\n    routes: [{ upstream: app }]\n");
+        }
+        s + &format!(
+            "upstreams:\n  app:\n    balance: consistent_hash\n    sticky: {{ secret: s }}\n    backends: [{}]\n",
+            backends(n)
+        )
+    };
+    let (old, new) = (dir.path().join("old.yaml"), dir.path().join("new.yaml"));
+    std::fs::write(&old, config(false, 10)).unwrap();
+    std::fs::write(&new, config(true, 9)).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&new)
+        .arg("--against")
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("+ listener 127.0.0.1:8081"), "{text}");
+    assert!(
+        text.contains("- upstream app: backend 127.0.0.1:9010"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clients pinned to 127.0.0.1:9010 are balanced again"),
+        "{text}"
+    );
+    // One of ten equal backends removed: about a tenth of the keys move, no more.
+    let share: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("~ upstream app: ")?
+                .split('%')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!((8.0..=11.0).contains(&share), "{share}% moved");
+    let same = Command::new(bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&old)
+        .arg("--against")
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&same.stdout).contains("no change from"));
+}
