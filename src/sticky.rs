@@ -331,6 +331,54 @@ mod tests {
     }
 
     #[test]
+    fn set_cookie_attributes_and_secure_on_tls() {
+        let config = StickyConfig {
+            cookie: "aff".into(),
+            ttl: TTL,
+            secrets: vec![b"s".to_vec()],
+            path: "/".into(),
+            http_only: true,
+            same_site: SameSite::Lax,
+            secure: None,
+        };
+        let sticky = Sticky::new(&config, "app", &["10.0.0.1:80"]);
+        let id = sticky.ids[0];
+        let plain = sticky.set_cookie("app", 0, id, false);
+        assert!(plain
+            .to_str()
+            .unwrap()
+            .ends_with("; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"));
+        let tls = sticky.set_cookie("app", 0, id, true);
+        assert!(tls.to_str().unwrap().ends_with("; SameSite=Lax; Secure"));
+        let never = Sticky::new(
+            &StickyConfig {
+                secure: Some(false),
+                ..config.clone()
+            },
+            "app",
+            &["10.0.0.1:80"],
+        );
+        assert!(!never
+            .set_cookie("app", 0, id, true)
+            .to_str()
+            .unwrap()
+            .contains("Secure"));
+        let always = Sticky::new(
+            &StickyConfig {
+                secure: Some(true),
+                ..config
+            },
+            "app",
+            &["10.0.0.1:80"],
+        );
+        assert!(always
+            .set_cookie("app", 0, id, false)
+            .to_str()
+            .unwrap()
+            .ends_with("; Secure"));
+    }
+
+    #[test]
     fn every_secret_verifies_the_first_signs() {
         let id = backend_id("app", "b:1");
         let old = seal(b"old", "app", id, 50);

@@ -58,17 +58,34 @@ fn a_reload_adds_and_removes_listeners() {
 }
 
 #[test]
-fn reloads_refuse_no_connection_and_fail_no_request() {
-    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
-    let lb = Balancer::start(&simple_config(&[&a, &b]));
+fn fifty_reloads_under_load_refuse_no_connection_and_fail_no_request() {
+    let (a, b, c) = (
+        TestBackend::start("a"),
+        TestBackend::start("b"),
+        TestBackend::start("c"),
+    );
+    let configs = [simple_config(&[&a, &b, &c]), simple_config(&[&b, &c])];
+    let lb = Balancer::start(&configs[0]);
     let addr = lb.addr;
+    // A 5 s request in flight across the reloads.
+    c.delay_ms.store(5000, Ordering::SeqCst);
+    let slow_backend = c.addr;
+    let slow = std::thread::spawn(move || {
+        let hash_config = format!(
+            "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: app }}]\nupstreams:\n  app: {{ backends: [{slow_backend}] }}\n"
+        );
+        let direct = Balancer::start(&hash_config);
+        // Through a second balancer, so that only this request meets the delay.
+        let r = get(direct.addr, "/");
+        (r.status, r.body)
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let clients: Vec<_> = (0..8)
+    let clients: Vec<_> = (0..32)
         .map(|i| {
             let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
             std::thread::spawn(move || {
-                // Half keep their connection, half open one per request.
+                // 16 keep their connection, 16 open one per request.
                 let mut keep = KeepAlive::new(addr);
                 while !stop.load(Ordering::Relaxed) {
                     sent.fetch_add(1, Ordering::Relaxed);
@@ -84,16 +101,13 @@ fn reloads_refuse_no_connection_and_fail_no_request() {
             })
         })
         .collect();
-    for round in 0..20 {
-        let weight = 1 + round % 3;
-        let yaml = simple_config(&[&a, &b]).replace(
-            &format!("      - {}\n", b.addr),
-            &format!("      - {{ address: {}, weight: {weight} }}\n", b.addr),
-        );
+    std::thread::sleep(Duration::from_millis(50));
+    c.delay_ms.store(0, Ordering::SeqCst);
+    for round in 0..50 {
         let before = sent.load(Ordering::Relaxed);
-        reload(&lb, &yaml);
+        reload(&lb, &configs[round % 2]);
         wait_until(Duration::from_secs(10), "requests after the reload", || {
-            sent.load(Ordering::Relaxed) > before + 50
+            sent.load(Ordering::Relaxed) > before + 30
         });
     }
     stop.store(true, Ordering::Relaxed);
@@ -101,8 +115,109 @@ fn reloads_refuse_no_connection_and_fail_no_request() {
         c.join().unwrap();
     }
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("20 reloads under load: {sent} requests, {failed} failed");
+    eprintln!("50 reloads under load: {sent} requests, {failed} failed");
     assert_eq!(failed, 0);
+    assert_eq!(slow.join().unwrap(), (200, "c".to_string()));
+}
+
+#[test]
+fn a_request_in_flight_across_a_reload_completes_and_counts_survive() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let yaml = simple_config(&[&a, &b]).replace(
+        "    backends:\n",
+        "    balance: least_connections\n    backends:\n",
+    );
+    let lb = Balancer::start(&yaml);
+    a.delay_ms.store(1500, Ordering::SeqCst);
+    b.delay_ms.store(1500, Ordering::SeqCst);
+    let addr = lb.addr;
+    let slow = std::thread::spawn(move || get(addr, "/").status);
+    wait_until(Duration::from_secs(5), "a request in flight", || {
+        a.requests().len() + b.requests().len() == 1
+    });
+    // Reload to a config that drops nothing but changes a weight.
+    reload(
+        &lb,
+        &yaml.replace(
+            &format!("      - {}\n", b.addr),
+            &format!("      - {{ address: {}, weight: 2 }}\n", b.addr),
+        ),
+    );
+    let snapshot = lb.server().state().load_full();
+    let in_flight: usize = snapshot
+        .upstream("app")
+        .unwrap()
+        .backends
+        .iter()
+        .map(|x| x.state.active_requests())
+        .sum();
+    assert_eq!(in_flight, 1, "the in-flight count was lost");
+    assert_eq!(slow.join().unwrap(), 200);
+    let snapshot = lb.server().state().load_full();
+    assert!(snapshot
+        .upstream("app")
+        .unwrap()
+        .backends
+        .iter()
+        .all(|x| x.state.active_requests() == 0));
+}
+
+#[test]
+fn the_preview_predicts_the_keys_a_reload_moves() {
+    let backends: Vec<String> = (1..=10)
+        .map(|i| format!("127.0.0.1:{}", 9000 + i))
+        .collect();
+    let yaml = |list: &[String]| {
+        format!(
+            "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: app }}]\nupstreams:\n  app:\n    balance: consistent_hash\n    hash_key: header:x-user\n    backends: [{}]\n",
+            list.join(", ")
+        )
+    };
+    let old = config::decode(&yaml(&backends), std::path::Path::new(".")).unwrap();
+    let mut fewer = backends.clone();
+    fewer.remove(3);
+    fewer.push("127.0.0.1:9100".into());
+    let new = config::decode(&yaml(&fewer), std::path::Path::new(".")).unwrap();
+    let lines = bascule::preview::preview(&old, &new);
+    let predicted: f64 = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("~ upstream app: ")?
+                .split('%')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    // What the running server then does: the same keys through the real snapshots.
+    let old_snapshot = bascule::state::Snapshot::build(std::sync::Arc::new(old), None);
+    let new_snapshot =
+        bascule::state::Snapshot::build(std::sync::Arc::new(new), Some(&old_snapshot));
+    let (before, after) = (
+        old_snapshot.upstream("app").unwrap(),
+        new_snapshot.upstream("app").unwrap(),
+    );
+    let keys = 100_000u64;
+    let moved = (0..keys)
+        .filter(|k| {
+            let key = Some(bascule::balance::hash::hash64(
+                &k.wrapping_mul(7919).to_le_bytes(),
+            ));
+            let a = before
+                .pick_index(&[], key)
+                .map(|i| before.backends[i].address.clone());
+            let b = after
+                .pick_index(&[], key)
+                .map(|i| after.backends[i].address.clone());
+            a != b
+        })
+        .count();
+    let actual = moved as f64 * 100.0 / keys as f64;
+    eprintln!("preview {predicted:.2}% of keys move; the reload moved {actual:.2}%");
+    assert!(
+        (predicted - actual).abs() <= 1.0,
+        "{predicted} against {actual}"
+    );
 }
 
 #[test]

@@ -255,8 +255,13 @@ impl Decoder<'_> {
             Some((node, path)) => self.listeners(node, &path, names.as_ref()),
             None => None,
         };
+        // `admin:` with nothing under it asks for the defaults.
+        let admin_given = f.entries.iter().any(|(k, _, _)| *k == "admin");
         let admin = match f.get("admin") {
             Some((node, path)) => self.admin(node, &path).map(Some),
+            None if admin_given => Some(Some(AdminConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            })),
             None => Some(None),
         };
         let shutdown_timeout = self.optional(
@@ -295,12 +300,11 @@ impl Decoder<'_> {
         })
     }
 
+    /// `admin: {}` (or `admin:` alone) listens on loopback, 127.0.0.1:9901.
     fn admin(&mut self, node: &Node, path: &str) -> Option<AdminConfig> {
+        let default = SocketAddr::from(([127, 0, 0, 1], 9901));
         let mut f = self.fields(node, path)?;
-        let bind = match self.required(&mut f, "bind", node.pos) {
-            Some((n, p)) => self.socket_addr(n, &p),
-            None => None,
-        };
+        let bind = self.optional(&mut f, "bind", default, Self::socket_addr);
         self.finish(f);
         Some(AdminConfig { bind: bind? })
     }
