@@ -48,16 +48,15 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// `bascule_requests_total` for one (upstream, backend) pair, one counter per status code,
-/// registered on first use of each code.
+/// registered on first use of each code. The table for a class of codes (2xx, 5xx...) is
+/// made when the first code of the class is seen, so an upstream of thousands of backends
+/// costs a few words per backend until traffic arrives.
 #[derive(Debug)]
 pub struct RequestCounters {
     upstream: String,
     backend: String,
-    by_status: Box<[OnceLock<Counter>]>,
+    by_class: [OnceLock<Box<[OnceLock<Counter>]>>; 5],
 }
-
-const FIRST_STATUS: u16 = 100;
-const LAST_STATUS: u16 = 599;
 
 impl RequestCounters {
     pub fn new(upstream: &str, backend: &str) -> Self {
@@ -65,20 +64,20 @@ impl RequestCounters {
         RequestCounters {
             upstream: upstream.to_string(),
             backend: backend.to_string(),
-            by_status: (FIRST_STATUS..=LAST_STATUS)
-                .map(|_| OnceLock::new())
-                .collect(),
+            by_class: Default::default(),
         }
     }
 
     pub fn count(&self, status: u16) {
-        let i = status.clamp(FIRST_STATUS, LAST_STATUS) - FIRST_STATUS;
-        self.by_status[i as usize]
+        let status = status.clamp(100, 599);
+        let class = self.by_class[usize::from(status / 100 - 1)]
+            .get_or_init(|| (0..100).map(|_| OnceLock::new()).collect());
+        class[usize::from(status % 100)]
             .get_or_init(|| {
                 metrics::counter!(REQUESTS_TOTAL,
                     "upstream" => self.upstream.clone(),
                     "backend" => self.backend.clone(),
-                    "status" => (i + FIRST_STATUS).to_string())
+                    "status" => status.to_string())
             })
             .increment(1);
     }
