@@ -18,6 +18,7 @@ pub mod router;
 pub mod server;
 pub mod state;
 pub mod sticky;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

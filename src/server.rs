@@ -395,9 +395,46 @@ impl Worker {
         tunnels: TaskTracker,
         stop: CancellationToken,
     ) {
-        let Some(listener) = self.state.load().listener(key).map(|l| l.config.clone()) else {
+        let snapshot = self.state.load_full();
+        let Some(routes) = snapshot.listener(key) else {
             return; // the listener was removed by a reload after this connection was accepted
         };
+        let listener = routes.config.clone();
+        match (&listener.tls, &routes.tls) {
+            (None, _) => {
+                self.serve_io(stream, false, peer, key, tunnels, stop, listener)
+                    .await
+            }
+            (Some(tls), Some(acceptor)) => {
+                // The handshake runs here, in the connection's task, never in the accept loop.
+                let handshake = acceptor.accept(stream);
+                match tokio::time::timeout(tls.handshake_timeout, handshake).await {
+                    Ok(Ok(stream)) => {
+                        self.serve_io(stream, true, peer, key, tunnels, stop, listener)
+                            .await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
+            // A TLS listener whose configuration could not be built serves nothing in clear.
+            (Some(_), None) => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_io<S>(
+        self: Arc<Self>,
+        stream: S,
+        tls: bool,
+        peer: SocketAddr,
+        key: SocketAddr,
+        tunnels: TaskTracker,
+        stop: CancellationToken,
+        listener: crate::config::ListenerConfig,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::default());
         let timeouts = Timeouts {
             keepalive: listener.keepalive_timeout,
@@ -409,7 +446,7 @@ impl Worker {
             listener: key,
             peer,
             client_ip: ConnContext::client_ip_header(peer),
-            tls: false,
+            tls,
             activity,
             tunnels,
             access_log: self.access_log.clone(),

@@ -19,10 +19,19 @@ use crate::proxy::pool::Pool;
 use crate::router::Router;
 use crate::upstream::Upstream;
 
-#[derive(Debug)]
 pub struct ListenerRoutes {
     pub config: ListenerConfig,
     pub router: Router,
+    /// For TLS listeners: the handshake with this config's certificates.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ListenerRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerRoutes")
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +67,15 @@ impl Snapshot {
             .map(|l| ListenerRoutes {
                 config: l.clone(),
                 router: Router::new(&l.routes, index),
+                tls: l.tls.as_ref().and_then(|t| {
+                    match crate::tls::server_config(&t.certificates) {
+                        Ok(config) => Some(tokio_rustls::TlsAcceptor::from(config)),
+                        Err(e) => {
+                            tracing::error!(listener = %l.name, "TLS setup failed: {e}");
+                            None
+                        }
+                    }
+                }),
             })
             .collect();
         Snapshot {

@@ -785,6 +785,7 @@ impl Decoder<'_> {
         let routes = self
             .required(&mut f, "routes", node.pos)
             .and_then(|(n, p)| self.routes(n, &p, upstreams));
+        let tls = self.optional(&mut f, "tls", None, |d, n, p| d.tls(n, p).map(Some));
         let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
             d.integer(n, p, 1024, 1 << 20).map(|v| v as usize)
         });
@@ -812,6 +813,53 @@ impl Decoder<'_> {
             header_read_timeout: header_read?,
             keepalive_timeout: keepalive?,
             max_header_bytes: max_header_bytes?,
+            tls: tls?,
+        })
+    }
+
+    fn tls(&mut self, node: &Node, path: &str) -> Option<TlsConfig> {
+        let mut f = self.fields(node, path)?;
+        let certificates = self
+            .required(&mut f, "certificates", node.pos)
+            .and_then(|(n, p)| {
+                let items = self.seq(n, &p)?;
+                if items.is_empty() {
+                    self.problem(Some(n.pos), &p, "at least one certificate is needed");
+                    return None;
+                }
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("{p}[{i}]");
+                    let Some(mut c) = self.fields(item, &p) else {
+                        continue;
+                    };
+                    let cert = self
+                        .required(&mut c, "cert", item.pos)
+                        .and_then(|(n, p)| self.string(n, &p).map(|s| (s, n.pos)));
+                    let key = self
+                        .required(&mut c, "key", item.pos)
+                        .and_then(|(n, p)| self.string(n, &p).map(|s| (s, n.pos)));
+                    self.finish(c);
+                    let (Some((cert, cert_pos)), Some((key, _))) = (cert, key) else {
+                        continue;
+                    };
+                    match crate::tls::load(&self.base.join(cert), &self.base.join(key)) {
+                        Ok(loaded) => out.push(loaded),
+                        Err(why) => self.problem(Some(cert_pos), &p, why),
+                    }
+                }
+                (out.len() == items.len()).then_some(out)
+            });
+        let handshake_timeout = self.optional(
+            &mut f,
+            "handshake_timeout",
+            Duration::from_secs(10),
+            Self::duration,
+        );
+        self.finish(f);
+        Some(TlsConfig {
+            certificates: certificates?,
+            handshake_timeout: handshake_timeout?,
         })
     }
 

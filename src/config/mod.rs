@@ -58,6 +58,15 @@ pub struct ListenerConfig {
     pub keepalive_timeout: Duration,
     /// A larger request head gets 431. Default 64 KiB.
     pub max_header_bytes: usize,
+    /// Terminate TLS here: the certificates, the first the default.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    pub certificates: Vec<crate::tls::Certificate>,
+    /// A client must finish its handshake within this. Default 10s.
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,228 @@
+//! TLS termination through the real server: SNI, the default certificate, ALPN,
+//! X-Forwarded-Proto and Secure cookies, and certificate errors.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// Writes a self-signed certificate for `names` and its key; returns the cert's DER.
+fn make_cert(dir: &Path, file: &str, names: &[&str]) -> Vec<u8> {
+    let made =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    std::fs::write(dir.join(format!("{file}.pem")), made.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{file}.key")),
+        made.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    made.cert.der().to_vec()
+}
+
+/// Accepts any certificate: the tests look at which one was presented.
+#[derive(Debug)]
+struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn client(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Connects with `sni` (an IP address sends none); the certificate presented and the ALPN chosen.
+async fn handshake(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> (
+    Vec<u8>,
+    Option<Vec<u8>>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let tls = client(alpn).connect(name, tcp).await.unwrap();
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().unwrap()[0].to_vec();
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    (cert, alpn, tls)
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    default: Vec<u8>,
+    api: Vec<u8>,
+    wild: Vec<u8>,
+}
+
+fn setup() -> (Setup, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let default = make_cert(dir.path(), "default", &["default.example.test"]);
+    let api = make_cert(dir.path(), "api", &["api.example.test"]);
+    let wild = make_cert(dir.path(), "wild", &["*.apps.example.test"]);
+    let tls = format!(
+        "    tls:\n      certificates:\n        - {{ cert: {d}/default.pem, key: {d}/default.key }}\n        - {{ cert: {d}/api.pem, key: {d}/api.key }}\n        - {{ cert: {d}/wild.pem, key: {d}/wild.key }}\n",
+        d = dir.path().display()
+    );
+    (
+        Setup {
+            _dir: dir,
+            default,
+            api,
+            wild,
+        },
+        tls,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
+    let b = TestBackend::start("a");
+    let (certs, tls) = setup();
+    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
+    let lb = tokio::task::spawn_blocking(move || Balancer::start(&yaml))
+        .await
+        .unwrap();
+    assert_eq!(
+        handshake(lb.addr, "api.example.test", &[]).await.0,
+        certs.api
+    );
+    assert_eq!(
+        handshake(lb.addr, "x.apps.example.test", &[]).await.0,
+        certs.wild
+    );
+    assert_eq!(
+        handshake(lb.addr, "a.b.apps.example.test", &[]).await.0,
+        certs.default
+    );
+    assert_eq!(
+        handshake(lb.addr, "unknown.example.test", &[]).await.0,
+        certs.default
+    );
+    assert_eq!(handshake(lb.addr, "127.0.0.1", &[]).await.0, certs.default);
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_and_http1_over_tls_reach_the_backend_as_https() {
+    use http_body_util::BodyExt;
+    let b = TestBackend::start("a");
+    let (_certs, tls) = setup();
+    let yaml = simple_config(&[&b])
+        .replace("    routes:", &format!("{tls}    routes:"))
+        .replace(
+            "    backends:\n",
+            "    sticky: { secret: s }\n    backends:\n",
+        );
+    let lb = tokio::task::spawn_blocking(move || Balancer::start(&yaml))
+        .await
+        .unwrap();
+
+    let (_, alpn, stream) = handshake(lb.addr, "api.example.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://api.example.test/x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert_eq!(
+        &resp.into_body().collect().await.unwrap().to_bytes()[..],
+        b"a"
+    );
+    let seen = b.requests().pop().unwrap();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["host"], "api.example.test");
+
+    let (_, alpn, stream) = handshake(lb.addr, "api.example.test", &[b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/y")
+        .header("host", "api.example.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
+
+#[test]
+fn a_bad_key_or_missing_certificate_is_a_config_error_with_its_path() {
+    let (certs, tls) = setup();
+    let dir = certs._dir.path();
+    std::fs::write(
+        dir.join("api.key"),
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let b = TestBackend::start("a");
+    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
+    let err = bascule::config::decode(&yaml, dir).unwrap_err();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].path.ends_with("tls.certificates[1]"), "{err:?}");
+    assert!(err[0].message.contains("api.key"), "{err:?}");
+    let missing = yaml.replace("wild.pem", "nowhere.pem");
+    let err = bascule::config::decode(&missing, dir).unwrap_err();
+    assert!(
+        err.iter().any(|p| p.message.contains("nowhere.pem")),
+        "{err:?}"
+    );
+}
