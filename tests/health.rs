@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,29 +30,8 @@ fn a_backend_killed_under_load_costs_no_request_and_comes_back() {
     let lb = Balancer::start(&checked_config(&[&a, &b, &c], ""));
     let (addr, admin) = (lb.addr, lb.admin());
     let b_addr = b.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-            std::thread::spawn(move || {
-                let mut client = KeepAlive::new(addr);
-                while !stop.load(Ordering::Relaxed) {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    match client.get("/") {
-                        Ok((200, _)) => {}
-                        other => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("failed: {other:?}");
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    wait_until(Duration::from_secs(10), "load to start", || {
-        sent.load(Ordering::Relaxed) > 500
-    });
+    let load = Load::start(addr, 32, 0);
+    load.wait_for(500, "load to start");
 
     // Kill b: its listener and every open connection go at once.
     let killed = Instant::now();
@@ -66,10 +45,7 @@ fn a_backend_killed_under_load_costs_no_request_and_comes_back() {
         detection < Duration::from_millis(2 * 100 + 100 + 700),
         "detected after {detection:?}"
     );
-    let before = sent.load(Ordering::Relaxed);
-    wait_until(Duration::from_secs(20), "more load", || {
-        sent.load(Ordering::Relaxed) > before + 2000
-    });
+    load.wait_for(2000, "more load");
 
     // Restart it on the same address: back within healthy_threshold × interval.
     let restarted = Instant::now();
@@ -82,11 +58,7 @@ fn a_backend_killed_under_load_costs_no_request_and_comes_back() {
         !b.requests().is_empty()
     });
 
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.stop();
     eprintln!("kill under load: {sent} requests, {failed} failed; down after {detection:?}, up after {recovery:?}");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
     let m = get(admin, "/metrics").body;

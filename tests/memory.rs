@@ -43,21 +43,7 @@ fn one_gib_up_and_down_with_flat_rss() {
         })
     };
 
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /big?bytes={GIB} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = s.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = download(addr, GIB);
     assert!(
         total > GIB && total < GIB + 1024,
         "downloaded {total} bytes"

@@ -131,21 +131,7 @@ fn large_bodies_stream_both_ways() {
     let lb = Balancer::start(&simple_config(&[&b]));
     let size: u64 = 64 << 20;
     // Download.
-    let mut s = TcpStream::connect(lb.addr).unwrap();
-    write!(
-        s,
-        "GET /big?bytes={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = s.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = download(lb.addr, size);
     assert!(total > size && total < size + 1024, "read {total} bytes");
     // Upload, chunked, without a length known in advance.
     let mut s = TcpStream::connect(lb.addr).unwrap();

@@ -4,8 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bascule::config;
@@ -69,40 +68,13 @@ fn fifty_reloads_under_load_refuse_no_connection_and_fail_no_request() {
     let addr = lb.addr;
     // A 5 s request in flight across all the reloads.
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=5000").status);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let clients: Vec<_> = (0..32)
-        .map(|i| {
-            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-            std::thread::spawn(move || {
-                // 16 keep their connection, 16 open one per request.
-                let mut keep = KeepAlive::new(addr);
-                while !stop.load(Ordering::Relaxed) {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    let ok = if i % 2 == 0 {
-                        matches!(keep.get("/"), Ok((200, _)))
-                    } else {
-                        get(addr, "/").status == 200
-                    };
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
+    // 16 clients keep their connection, 16 open one per request.
+    let load = Load::start(addr, 16, 16);
     for round in 0..50 {
-        let before = sent.load(Ordering::Relaxed);
         reload(&lb, &configs[round % 2]);
-        wait_until(Duration::from_secs(10), "requests after the reload", || {
-            sent.load(Ordering::Relaxed) > before + 30
-        });
+        load.wait_for(30, "requests after the reload");
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.stop();
     eprintln!("50 reloads under load: {sent} requests, {failed} failed");
     assert_eq!(failed, 0);
     assert_eq!(slow.join().unwrap(), 200);

@@ -632,3 +632,84 @@ pub fn shown_healthy(admin: SocketAddr, addr: SocketAddr) -> bool {
         .map(|b| b["healthy"] == true)
         .unwrap()
 }
+
+/// Downloads `/big?bytes=N` on a fresh connection; the bytes read, head included.
+pub fn download(addr: SocketAddr, bytes: u64) -> u64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        format!("GET /big?bytes={bytes} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            return total;
+        }
+        total += n as u64;
+    }
+}
+
+/// Client threads sending GET / until stopped, counting requests and failures
+/// (anything but a 200). `fresh` of them open a new connection per request; the
+/// others keep theirs.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, keep_alive: usize, fresh: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads = (0..keep_alive + fresh)
+            .map(|i| {
+                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut keep = KeepAlive::new(addr);
+                    while !stop.load(Ordering::Relaxed) {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        let status = if i < keep_alive {
+                            keep.get("/").map_or(0, |(status, _)| status)
+                        } else {
+                            get(addr, "/").status
+                        };
+                        if status != 200 {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("failed with status {status}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            failed,
+            threads,
+        }
+    }
+
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have been sent.
+    pub fn wait_for(&self, n: usize, what: &str) {
+        let target = self.sent() + n;
+        wait_until(Duration::from_secs(20), what, || self.sent() >= target);
+    }
+
+    /// Stops the clients; (requests sent, requests failed).
+    pub fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            t.join().unwrap();
+        }
+        (self.sent(), self.failed.load(Ordering::Relaxed))
+    }
+}
