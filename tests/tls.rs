@@ -226,3 +226,49 @@ fn a_bad_key_or_missing_certificate_is_a_config_error_with_its_path() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
+    use http_body_util::BodyExt;
+    let b = TestBackend::start("a");
+    let (certs, tls) = setup();
+    let dir = certs._dir.path().to_path_buf();
+    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
+    let lb = tokio::task::spawn_blocking({
+        let yaml = yaml.clone();
+        move || Balancer::start(&yaml)
+    })
+    .await
+    .unwrap();
+    let (cert, _, open) = handshake(lb.addr, "api.example.test", &[b"http/1.1"]).await;
+    assert_eq!(cert, certs.api);
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(open))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+
+    // New files for api.example.test, then a reload.
+    let renewed = make_cert(&dir, "api2", &["api.example.test"]);
+    let swapped = yaml
+        .replace("api.pem", "api2.pem")
+        .replace("api.key", "api2.key");
+    let config = bascule::config::decode(&swapped, &dir).unwrap();
+    lb.server().reload(config).unwrap();
+
+    assert_eq!(handshake(lb.addr, "api.example.test", &[]).await.0, renewed);
+    // The connection opened before the reload still serves requests.
+    for _ in 0..3 {
+        let req = http::Request::get("/")
+            .header("host", "api.example.test")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"a"
+        );
+    }
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
