@@ -272,3 +272,14 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
     }
     tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
 }
+
+#[test]
+fn a_redirect_https_listener_sends_clients_to_https() {
+    let yaml = "listeners:\n  - bind: 127.0.0.1:0\n    redirect_https: true\nupstreams:\n  app: { backends: [127.0.0.1:1] }\n";
+    let lb = Balancer::start(yaml);
+    let r = http1(lb.addr, "GET", "/cart?item=3", &[]);
+    assert_eq!(r.status, 301);
+    // http1() sends Host: 127.0.0.1:PORT; the port is dropped for https's 443.
+    assert_eq!(r.headers["location"], "https://127.0.0.1/cart?item=3");
+    assert!(r.body.starts_with("301 Moved Permanently"));
+}

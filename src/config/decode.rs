@@ -782,9 +782,17 @@ impl Decoder<'_> {
             .required(&mut f, "bind", node.pos)
             .and_then(|(n, p)| self.socket_addr(n, &p));
         let name = self.optional(&mut f, "name", None, |d, n, p| d.string(n, p).map(Some));
-        let routes = self
-            .required(&mut f, "routes", node.pos)
-            .and_then(|(n, p)| self.routes(n, &p, upstreams));
+        let redirect_https = self.optional(&mut f, "redirect_https", false, Self::boolean);
+        // A listener that only redirects to https needs no routes.
+        let routes = match (redirect_https, f.get("routes")) {
+            (_, Some((n, p))) => self.routes(n, &p, upstreams),
+            (Some(true), None) => Some(Vec::new()),
+            _ => {
+                // Reports the missing key.
+                self.required(&mut f, "routes", node.pos);
+                None
+            }
+        };
         let tls = self.optional(&mut f, "tls", None, |d, n, p| d.tls(n, p).map(Some));
         let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
             d.integer(n, p, 1024, 1 << 20).map(|v| v as usize)
@@ -814,6 +822,7 @@ impl Decoder<'_> {
             keepalive_timeout: keepalive?,
             max_header_bytes: max_header_bytes?,
             tls: tls?,
+            redirect_https: redirect_https?,
         })
     }
 

@@ -60,6 +60,8 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     /// Terminate TLS here: the certificates, the first the default.
     pub tls: Option<TlsConfig>,
+    /// Answer every request with a 301 to the same URL over https (port 443). Default false.
+    pub redirect_https: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

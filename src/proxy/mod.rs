@@ -67,6 +67,20 @@ pub async fn serve(
     });
     let mut ex = Exchange::new(cx.activity.begin(), log);
     let snapshot = cx.state.load();
+    if let Some(location) = https_redirect(&cx, &snapshot, &req) {
+        ex.status = 301;
+        let mut resp = Response::new(ProxyBody::local(
+            Bytes::from_static(b"301 Moved Permanently: use https\n"),
+            Some(ex),
+        ));
+        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        resp.headers_mut().insert(http::header::LOCATION, location);
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return Ok(resp);
+    }
     match forward(&cx, &snapshot, req, &mut ex).await {
         Ok(resp) => {
             ex.status = resp.status().as_u16();
@@ -91,6 +105,29 @@ pub async fn serve(
             Ok(reply(e, ex))
         }
     }
+}
+
+/// On a `redirect_https` listener: `https://HOST/PATH?QUERY`, the client's host
+/// without its port.
+fn https_redirect(
+    cx: &ConnContext,
+    snapshot: &Snapshot,
+    req: &Request<Incoming>,
+) -> Option<HeaderValue> {
+    if !snapshot.listener(cx.listener)?.config.redirect_https {
+        return None;
+    }
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    HeaderValue::from_str(&format!("https://{host}{target}")).ok()
 }
 
 /// A reply bascule makes itself; the one place a failure becomes a status and body.
