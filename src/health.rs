@@ -196,10 +196,7 @@ impl Target {
     /// A fixed offset within the interval, different for each backend, so that
     /// many backends' probes spread out instead of firing together.
     fn phase(&self) -> Duration {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.upstream.bytes().chain(self.address.bytes()) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
+        let h = crate::sticky::backend_id(&self.upstream, &self.address);
         Duration::from_nanos(h % self.config.interval.as_nanos().max(1) as u64)
     }
 

@@ -249,16 +249,7 @@ fn check_against_previews_a_reload() {
         "{text}"
     );
     // One of ten equal backends removed: about a tenth of the keys move, no more.
-    let share: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("~ upstream app: ")?
-                .split('%')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("{text}"));
+    let share = preview_share(text.lines()).unwrap_or_else(|| panic!("{text}"));
     assert!((8.0..=11.0).contains(&share), "{share}% moved");
     let same = Command::new(bin())
         .arg("check")

@@ -139,16 +139,7 @@ fn the_preview_predicts_the_keys_a_reload_moves() {
     fewer.push("127.0.0.1:9100".into());
     let new = config::decode(&yaml(&fewer), std::path::Path::new(".")).unwrap();
     let lines = bascule::preview::preview(&old, &new);
-    let predicted: f64 = lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("~ upstream app: ")?
-                .split('%')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap();
+    let predicted = preview_share(lines.iter().map(String::as_str)).unwrap();
     // What the running server then does: the same keys through the real snapshots.
     let old_snapshot = bascule::state::Snapshot::build(std::sync::Arc::new(old), None);
     let new_snapshot =

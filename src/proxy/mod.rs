@@ -25,7 +25,7 @@ use crate::backend::InFlight;
 use crate::client_io::Activity;
 use crate::config::Balance;
 use crate::health;
-use crate::state::{Snapshot, State};
+use crate::state::{ListenerRoutes, Snapshot, State};
 use crate::upstream::Upstream;
 pub use body::{Exchange, ProxyBody};
 pub use error::ProxyError;
@@ -67,21 +67,18 @@ pub async fn serve(
     });
     let mut ex = Exchange::new(cx.activity.begin(), log);
     let snapshot = cx.state.load();
-    if let Some(location) = https_redirect(&cx, &snapshot, &req) {
-        ex.status = 301;
-        let mut resp = Response::new(ProxyBody::local(
+    // None: the listener was removed by a reload; its connections drain with 404s.
+    let listener = snapshot.listener(cx.listener);
+    if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
+        let mut resp = local_reply(
+            StatusCode::MOVED_PERMANENTLY,
             Bytes::from_static(b"301 Moved Permanently: use https\n"),
-            Some(ex),
-        ));
-        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-        resp.headers_mut().insert(http::header::LOCATION, location);
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
+            ex,
         );
+        resp.headers_mut().insert(http::header::LOCATION, location);
         return Ok(resp);
     }
-    match forward(&cx, &snapshot, req, &mut ex).await {
+    match forward(&cx, &snapshot, listener, req, &mut ex).await {
         Ok(resp) => {
             ex.status = resp.status().as_u16();
             Ok(resp.map(|body| ProxyBody::backend(body, ex)))
@@ -109,19 +106,11 @@ pub async fn serve(
 
 /// On a `redirect_https` listener: `https://HOST/PATH?QUERY`, the client's host
 /// without its port.
-fn https_redirect(
-    cx: &ConnContext,
-    snapshot: &Snapshot,
-    req: &Request<Incoming>,
-) -> Option<HeaderValue> {
-    if !snapshot.listener(cx.listener)?.config.redirect_https {
+fn https_redirect(listener: &ListenerRoutes, req: &Request<Incoming>) -> Option<HeaderValue> {
+    if !listener.config.redirect_https {
         return None;
     }
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let host = request_host(req)?;
     let host = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
@@ -130,11 +119,22 @@ fn https_redirect(
     HeaderValue::from_str(&format!("https://{host}{target}")).ok()
 }
 
+/// The host the client asked for: Host, or :authority for HTTP/2.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    }
+}
+
 /// A reply bascule makes itself; the one place a failure becomes a status and body.
-fn reply(e: ProxyError, mut ex: Exchange) -> Response<ProxyBody> {
-    let status = e.status();
+fn reply(e: ProxyError, ex: Exchange) -> Response<ProxyBody> {
+    local_reply(e.status(), Bytes::from(e.body()), ex)
+}
+
+fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<ProxyBody> {
     ex.status = status.as_u16();
-    let mut resp = Response::new(ProxyBody::local(Bytes::from(e.body()), Some(ex)));
+    let mut resp = Response::new(ProxyBody::local(body, Some(ex)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -146,6 +146,7 @@ fn reply(e: ProxyError, mut ex: Exchange) -> Response<ProxyBody> {
 async fn forward(
     cx: &ConnContext,
     snapshot: &Snapshot,
+    listener: Option<&ListenerRoutes>,
     mut req: Request<Incoming>,
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
@@ -154,14 +155,11 @@ async fn forward(
             "an HTTP/1.1 request needs a Host header",
         ));
     }
-    let listener = snapshot.listener(cx.listener).ok_or(ProxyError::NoRoute)?;
+    let listener = listener.ok_or(ProxyError::NoRoute)?;
     if head_size(&req) > listener.config.max_header_bytes {
         return Err(ProxyError::HeadTooLarge);
     }
-    let host = match req.headers().get(HOST) {
-        Some(h) => h.to_str().ok(),
-        None => req.uri().authority().map(|a| a.as_str()),
-    };
+    let host = request_host(&req);
     let index = listener
         .router
         .route(host, req.uri().path(), req.method())

@@ -713,3 +713,14 @@ impl Load {
         (self.sent(), self.failed.load(Ordering::Relaxed))
     }
 }
+
+/// The share of sample keys (in percent) a reload preview says would move in upstream `app`.
+pub fn preview_share<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<f64> {
+    lines.into_iter().find_map(|l| {
+        l.strip_prefix("~ upstream app: ")?
+            .split('%')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
