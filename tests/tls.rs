@@ -263,6 +263,8 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
             .header("host", "api.example.test")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
+        // HTTP/1.1 takes one request at a time: wait until the previous one is done.
+        send.ready().await.unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(
