@@ -159,6 +159,8 @@ pub struct Backend {
     pub state: Arc<BackendState>,
     /// Keep-alive connections to this backend; kept across reloads like `state`.
     pub pool: Arc<Pool>,
+    /// With upstream TLS: how health probes reach it.
+    pub probe_tls: Option<crate::backend_tls::Connector>,
     pub requests: RequestCounters,
 }
 
@@ -168,6 +170,7 @@ impl Backend {
         config: &BackendConfig,
         state: Arc<BackendState>,
         pool: Arc<Pool>,
+        probe_tls: Option<crate::backend_tls::Connector>,
     ) -> Self {
         let authority = Authority::try_from(config.addr.to_string())
             .expect("a socket address is a valid authority");
@@ -178,6 +181,7 @@ impl Backend {
             authority,
             state,
             pool,
+            probe_tls,
             requests: RequestCounters::new(upstream, &config.address),
         }
     }

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
 use crate::backend::{now_ms, BackendState};
+use crate::backend_tls::{BackendTls, Connector};
 use crate::config::{HealthCheckConfig, PassiveConfig};
 use crate::state::Snapshot;
 use crate::upstream::Upstream;
@@ -134,35 +135,25 @@ fn decay_ejections(state: &BackendState, passive: &PassiveConfig) {
 
 // ---- active probes ---------------------------------------------------------------------
 
-/// One probe: connect, send a GET, read the status line. The whole exchange
-/// must fit in `timeout`.
-pub async fn probe(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<u16, String> {
+/// One probe: connect (with TLS when given), send a GET, read the status line.
+/// The whole exchange must fit in `timeout`.
+pub async fn probe(
+    addr: SocketAddr,
+    tls: Option<&Connector>,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<u16, String> {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr)
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        stream
-            .write_all(request)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut buf = [0u8; 64];
-        let mut len = 0;
-        // "HTTP/1.1 200" is 12 bytes.
-        while len < 12 {
-            match stream.read(&mut buf[len..]).await {
-                Ok(0) => return Err("closed before a status line".to_string()),
-                Ok(n) => len += n,
-                Err(e) => return Err(format!("read: {e}")),
+        match tls {
+            None => status_line(stream, request).await,
+            Some(tls) => {
+                let stream = tls.connect(stream).await.map_err(|e| format!("TLS: {e}"))?;
+                status_line(stream, request).await
             }
         }
-        let line = &buf[..len];
-        if !line.starts_with(b"HTTP/1.") || line[8] != b' ' {
-            return Err("not an HTTP/1 response".to_string());
-        }
-        std::str::from_utf8(&line[9..12])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| "no status code".to_string())
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
@@ -173,11 +164,40 @@ pub async fn probe(addr: SocketAddr, request: &[u8], timeout: Duration) -> Resul
     }
 }
 
+async fn status_line<S>(mut stream: S, request: &[u8]) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    // "HTTP/1.1 200" is 12 bytes.
+    while len < 12 {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) => return Err("closed before a status line".to_string()),
+            Ok(n) => len += n,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let line = &buf[..len];
+    if !line.starts_with(b"HTTP/1.") || line[8] != b' ' {
+        return Err("not an HTTP/1 response".to_string());
+    }
+    std::str::from_utf8(&line[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "no status code".to_string())
+}
+
 /// Everything one backend's probing task needs.
 struct Target {
     upstream: String,
     address: String,
     addr: SocketAddr,
+    tls: Option<Connector>,
     state: Arc<BackendState>,
     config: HealthCheckConfig,
     passive: Option<PassiveConfig>,
@@ -211,7 +231,7 @@ impl Target {
         loop {
             tokio::time::sleep_until(next).await;
             next += self.config.interval;
-            let result = probe(self.addr, &request, self.config.timeout).await;
+            let result = probe(self.addr, self.tls.as_ref(), &request, self.config.timeout).await;
             let passed = matches!(&result, Ok(code) if self.config.expected_status.iter().any(|(lo, hi)| (lo..=hi).contains(&code)));
             let mut streak = self.state.probe_streak.load(Ordering::Relaxed);
             let flip = rule.observe(self.state.is_healthy(), &mut streak, passed);
@@ -249,10 +269,13 @@ impl Target {
     }
 }
 
+/// What a probing task was started with: a change restarts it.
+type Probing = (HealthCheckConfig, Option<BackendTls>);
+
 /// The probing tasks, one per checked backend, kept in step with the snapshot.
 #[derive(Default)]
 pub struct HealthChecks {
-    tasks: HashMap<(String, String), (HealthCheckConfig, AbortHandle)>,
+    tasks: HashMap<(String, String), (Probing, AbortHandle)>,
 }
 
 impl HealthChecks {
@@ -266,7 +289,8 @@ impl HealthChecks {
                 continue;
             };
             for b in &u.backends {
-                wanted.insert((u.name.clone(), b.address.clone()), (config.clone(), b, u));
+                let probing = (config.clone(), u.tls.clone());
+                wanted.insert((u.name.clone(), b.address.clone()), (probing, b, u));
             }
         }
         self.tasks.retain(|key, (config, handle)| {
@@ -276,7 +300,7 @@ impl HealthChecks {
             }
             keep
         });
-        for (key, (config, backend, upstream)) in wanted {
+        for (key, (probing, backend, upstream)) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -284,8 +308,9 @@ impl HealthChecks {
                 upstream: key.0.clone(),
                 address: key.1.clone(),
                 addr: backend.addr,
+                tls: backend.probe_tls.clone(),
                 state: backend.state.clone(),
-                config: config.clone(),
+                config: probing.0.clone(),
                 passive: upstream.passive.clone(),
             };
             let transitions = [
@@ -293,7 +318,7 @@ impl HealthChecks {
                 crate::metrics::health_transition(&key.0, &key.1, true),
             ];
             let handle = tokio::spawn(target.run(transitions)).abort_handle();
-            self.tasks.insert(key, (config, handle));
+            self.tasks.insert(key, (probing, handle));
         }
     }
 }
@@ -370,8 +395,11 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let req = b"GET /hc HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(probe(addr, req, Duration::from_secs(2)).await, Ok(503));
-        let late = probe(addr, req, Duration::from_millis(100))
+        assert_eq!(
+            probe(addr, None, req, Duration::from_secs(2)).await,
+            Ok(503)
+        );
+        let late = probe(addr, None, req, Duration::from_millis(100))
             .await
             .unwrap_err();
         assert!(late.contains("no answer"), "{late}");

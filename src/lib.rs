@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod backend;
+pub mod backend_tls;
 pub mod balance;
 pub mod client_io;
 pub mod config;

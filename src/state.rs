@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Guard};
 
 use crate::backend::{Backend, BackendState};
+use crate::backend_tls::Connector;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
 use crate::metrics as m;
 use crate::proxy::pool::Pool;
@@ -101,6 +102,8 @@ fn build_upstream(
     previous: Option<&Arc<Upstream>>,
 ) -> Upstream {
     let settings = (config.connect_timeout, config.idle_timeout);
+    // A changed TLS setting means new connections; the old pools drain with the old snapshot.
+    let same_tls = previous.is_some_and(|p| p.tls == config.tls);
     let backends = config
         .backends
         .iter()
@@ -118,21 +121,33 @@ fn build_upstream(
                 }
                 Arc::new(state)
             });
+            let (proxy_tls, probe_tls) = tls_connectors(config, b).unzip();
             let pool = match old {
-                Some(old) if old.pool.settings() == settings => old.pool.clone(),
+                Some(old) if same_tls && old.pool.settings() == settings => old.pool.clone(),
                 _ => Arc::new(Pool::new(
                     b.addr,
                     workers,
                     config.connect_timeout,
                     config.idle_timeout,
+                    proxy_tls,
                     m::connections_opened(&config.name, &b.address),
                 )),
             };
-            Backend::new(&config.name, b, state, pool)
+            Backend::new(&config.name, b, state, pool, probe_tls)
         })
         .collect();
     let in_flight = previous.map_or_else(Default::default, |p| p.in_flight.clone());
     Upstream::new(config, backends, in_flight)
+}
+
+/// The connectors for a backend's requests and probes, with upstream TLS.
+fn tls_connectors(
+    config: &UpstreamConfig,
+    backend: &crate::config::BackendConfig,
+) -> Option<(Connector, Connector)> {
+    let tls = config.tls.as_ref()?;
+    let name = backend.tls_name.clone()?;
+    Some(tls.connectors(name))
 }
 
 /// How the last reload went: for `/status`.

@@ -36,6 +36,8 @@ pub struct Upstream {
     pub fail_open: bool,
     pub slow_start: Option<Duration>,
     pub sticky: Option<Sticky>,
+    /// TLS to the backends, as configured (its pools hold the connectors).
+    pub tls: Option<crate::backend_tls::BackendTls>,
     /// Drives slow start's admissions: a counter hashed into a fraction.
     admissions: AtomicU64,
     pub duration: Histogram,
@@ -82,6 +84,7 @@ impl Upstream {
             fail_open: config.fail_open,
             slow_start: config.slow_start,
             sticky,
+            tls: config.tls.clone(),
             admissions: AtomicU64::new(0),
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),

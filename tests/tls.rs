@@ -285,3 +285,38 @@ fn a_redirect_https_listener_sends_clients_to_https() {
     assert_eq!(r.headers["location"], "https://127.0.0.1/cart?item=3");
     assert!(r.body.starts_with("301 Moved Permanently"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_bad_key_keeps_serving_the_old_certificate() {
+    let b = TestBackend::start("a");
+    let (certs, tls) = setup();
+    let dir = certs._dir.path().to_path_buf();
+    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
+    let lb = tokio::task::spawn_blocking({
+        let yaml = yaml.clone();
+        move || Balancer::start(&yaml)
+    })
+    .await
+    .unwrap();
+    std::fs::write(
+        dir.join("broken.key"),
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let path = dir.join("bascule.yaml");
+    std::fs::write(&path, yaml.replace("api.key", "broken.key")).unwrap();
+    lb.server().reload_from(&path);
+
+    let admin = lb.admin();
+    let status = tokio::task::spawn_blocking(move || status_json(admin))
+        .await
+        .unwrap();
+    assert_eq!(status["last_reload"]["result"], "failure", "{status}");
+    let error = status["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("broken.key"), "{error}");
+    assert_eq!(
+        handshake(lb.addr, "api.example.test", &[]).await.0,
+        certs.api
+    );
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}

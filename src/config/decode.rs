@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use http::Method;
 
+use crate::backend_tls::BackendTls;
+
 use super::yaml::{self, Node, Pos, Value};
 use super::*;
 
@@ -401,7 +403,25 @@ impl Decoder<'_> {
             d.duration(n, p).map(Some)
         });
         let sticky = self.optional(&mut f, "sticky", None, |d, n, p| d.sticky(n, p).map(Some));
+        let tls_field = f.get("tls");
+        let tls = match &tls_field {
+            Some((n, p)) => self.backend_tls(n, p).map(Some),
+            None => Some(None),
+        };
         self.finish(f);
+        let mut backends = backends;
+        // Each backend's name for certificate checks and SNI, settled now so that
+        // a name that cannot be checked is a config error.
+        if let (Some(Some(tls)), Some(backends), Some((n, p))) =
+            (&tls, backends.as_mut(), &tls_field)
+        {
+            for b in backends.iter_mut() {
+                match tls.name_for(&b.address) {
+                    Ok(name) => b.tls_name = Some(name),
+                    Err(why) => self.problem(Some(n.pos), p, why),
+                }
+            }
+        }
         Some(UpstreamConfig {
             name: name.to_string(),
             balance: balance?,
@@ -416,6 +436,7 @@ impl Decoder<'_> {
             retries: retries?,
             retry_budget: retry_budget?,
             fail_open: fail_open?,
+            tls: tls?,
             slow_start: slow_start?,
             sticky: sticky?,
         })
@@ -722,6 +743,7 @@ impl Decoder<'_> {
                 address: address.trim().to_string(),
                 addr,
                 weight: 1,
+                tls_name: None,
             });
         }
         let mut f = self.fields(node, path)?;
@@ -737,6 +759,7 @@ impl Decoder<'_> {
             address: address.trim().to_string(),
             addr,
             weight: weight?,
+            tls_name: None,
         })
     }
 
@@ -870,6 +893,34 @@ impl Decoder<'_> {
             certificates: certificates?,
             handshake_timeout: handshake_timeout?,
         })
+    }
+
+    fn backend_tls(&mut self, node: &Node, path: &str) -> Option<BackendTls> {
+        let mut f = self.fields(node, path)?;
+        let ca = self.optional(&mut f, "ca", None, |d, n, p| d.string(n, p).map(Some));
+        let server_name = self.optional(&mut f, "server_name", None, |d, n, p| {
+            d.string(n, p).map(Some)
+        });
+        let insecure = self.optional(&mut f, "insecure_skip_verify", false, Self::boolean);
+        let http2 = self.optional(&mut f, "http2", true, Self::boolean);
+        self.finish(f);
+        let (ca, server_name, insecure, http2) = (ca?, server_name?, insecure?, http2?);
+        if insecure && ca.is_some() {
+            self.problem(
+                Some(node.pos),
+                path,
+                "`ca` and `insecure_skip_verify: true` contradict each other",
+            );
+            return None;
+        }
+        let ca = ca.map(|c| self.base.join(c));
+        match BackendTls::new(ca.as_deref(), server_name, insecure, http2) {
+            Ok(tls) => Some(tls),
+            Err(why) => {
+                self.problem(Some(node.pos), path, why);
+                None
+            }
+        }
     }
 
     fn routes(
@@ -1020,7 +1071,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, sticky, timeouts)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, sticky, timeouts, tls)",
             ]
         );
     }

@@ -147,6 +147,8 @@ pub struct UpstreamConfig {
     /// A backend that comes back or is added ramps its share of traffic up
     /// linearly over this window (round robin and least connections). Off by default.
     pub slow_start: Option<Duration>,
+    /// TLS to the backends.
+    pub tls: Option<crate::backend_tls::BackendTls>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +235,8 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// 1 to `MAX_WEIGHT`. Default 1.
     pub weight: u32,
+    /// With upstream TLS: the name its certificate is checked against, also sent as SNI.
+    pub tls_name: Option<rustls_pki_types::ServerName<'static>>,
 }
 
 /// Weights above this are refused: round robin keeps a table as long as the sum of weights.

@@ -276,7 +276,10 @@ async fn send_with_retries(
         ex.backend = Some(chosen);
         ex.in_flight = Some(backend.state.begin_request(&upstream.in_flight));
         let mut target = std::mem::take(out.uri_mut()).into_parts();
-        target.scheme = Some(Scheme::HTTP);
+        target.scheme = Some(match upstream.tls {
+            Some(_) => Scheme::HTTPS,
+            None => Scheme::HTTP,
+        });
         target.authority = Some(backend.authority.clone());
         *out.uri_mut() = Uri::from_parts(target)
             .map_err(|_| ProxyError::BadRequest("unusable request target"))?;

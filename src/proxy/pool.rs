@@ -7,6 +7,10 @@
 //! worker's idle connection before opening a new one. Lists are LIFO: the most
 //! recently used connections stay hot and surplus ones age out after `idle`.
 //!
+//! With upstream TLS, a backend that picks h2 by ALPN gets HTTP/2: one
+//! connection per worker, shared by that worker's requests, instead of an idle
+//! list.
+//!
 //! A connection goes back to the pool only once its response body has been
 //! read to the end (see `body.rs`); a response cut short closes it.
 //!
@@ -27,11 +31,13 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics::Counter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::backend_tls::{self, Connector};
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -56,8 +62,35 @@ pub type OutBody = Either<Incoming, Empty<Bytes>>;
 /// A connection idle this long may have been closed by the backend's keep-alive timeout.
 const STALE_AFTER: Duration = Duration::from_millis(100);
 
+/// A backend connection's request side.
+#[derive(Debug)]
+enum Sender {
+    Http1(http1::SendRequest<OutBody>),
+    /// A clone of a worker's shared HTTP/2 connection.
+    Http2(http2::SendRequest<OutBody>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::Http1(s) => s.ready().await,
+            Sender::Http2(s) => s.ready().await,
+        }
+    }
+
+    async fn try_send_request(
+        &mut self,
+        req: Request<OutBody>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutBody>>> {
+        match self {
+            Sender::Http1(s) => s.try_send_request(req).await,
+            Sender::Http2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
 struct Idle {
-    sender: SendRequest<OutBody>,
+    sender: http1::SendRequest<OutBody>,
     since: Instant,
 }
 
@@ -65,7 +98,11 @@ pub struct Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// HTTP/1.1 connections, one list per worker.
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Each worker's HTTP/2 connection, when the backend speaks it.
+    shared: Box<[Mutex<Option<http2::SendRequest<OutBody>>>]>,
+    tls: Option<Connector>,
     opened: Counter,
 }
 
@@ -79,17 +116,20 @@ impl std::fmt::Debug for Pool {
 #[derive(Debug)]
 pub struct Lease {
     pool: Arc<Pool>,
-    sender: SendRequest<OutBody>,
+    sender: Sender,
     home: usize,
 }
 
 impl Lease {
     pub fn release(self) {
-        let list = &self.pool.idle[self.home];
-        list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
-            sender: self.sender,
-            since: Instant::now(),
-        });
+        // An HTTP/2 connection stays in its worker's slot; this was a clone.
+        if let Sender::Http1(sender) = self.sender {
+            let list = &self.pool.idle[self.home];
+            list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 }
 
@@ -99,15 +139,17 @@ impl Pool {
         workers: usize,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        tls: Option<Connector>,
         opened: Counter,
     ) -> Self {
+        let workers = workers.max(1);
         Pool {
             addr,
             connect_timeout,
             idle_timeout,
-            idle: (0..workers.max(1))
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
+            idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            shared: (0..workers).map(|_| Mutex::new(None)).collect(),
+            tls,
             opened,
         }
     }
@@ -120,43 +162,95 @@ impl Pool {
         WORKER.with(Cell::get) % self.idle.len()
     }
 
-    /// An idle connection, this worker's own first; expired and closed ones are dropped.
-    /// Also says for how long the connection had been idle.
-    fn checkout(&self) -> Option<(SendRequest<OutBody>, usize, Duration)> {
+    /// This worker's HTTP/2 connection, or an idle HTTP/1.1 one, this worker's own
+    /// first; expired and closed ones are dropped. Also says for how long the
+    /// connection had been idle.
+    fn checkout(&self) -> Option<(Sender, usize, Duration)> {
         let own = self.home();
+        if self.tls.is_some() {
+            let mut slot = self.shared[own].lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some(h2) if !h2.is_closed() => {
+                    return Some((Sender::Http2(h2.clone()), own, Duration::ZERO))
+                }
+                Some(_) => *slot = None,
+                None => {}
+            }
+        }
         let now = Instant::now();
         for i in (0..self.idle.len()).map(|k| (own + k) % self.idle.len()) {
             let mut list = self.idle[i].lock().unwrap_or_else(|e| e.into_inner());
             while let Some(idle) = list.pop() {
                 let idle_for = now.duration_since(idle.since);
                 if !idle.sender.is_closed() && idle_for < self.idle_timeout {
-                    return Some((idle.sender, i, idle_for));
+                    return Some((Sender::Http1(idle.sender), i, idle_for));
                 }
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<(SendRequest<OutBody>, usize), io::Error> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-            };
-        let _ = stream.set_nodelay(true);
+    async fn connect(&self) -> Result<(Sender, usize), io::Error> {
+        let connecting = async {
+            let stream = TcpStream::connect(self.addr).await?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => self.handshake_http1(stream).await,
+                Some(tls) => {
+                    let stream = tls.connect(stream).await?;
+                    if backend_tls::is_h2(&stream) {
+                        self.handshake_http2(stream).await
+                    } else {
+                        self.handshake_http1(stream).await
+                    }
+                }
+            }
+        };
+        let sender = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        };
+        self.opened.increment(1);
+        Ok((sender, self.home()))
+    }
+
+    async fn handshake_http1<S>(&self, stream: S) -> io::Result<Sender>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
-        self.opened.increment(1);
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(backend = %addr, "backend connection ended: {e}");
             }
         });
-        Ok((sender, self.home()))
+        Ok(Sender::Http1(sender))
+    }
+
+    /// Opens this worker's shared HTTP/2 connection; it replaces any earlier one.
+    async fn handshake_http2<S>(&self, stream: S) -> io::Result<Sender>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %addr, "backend HTTP/2 connection ended: {e}");
+            }
+        });
+        *self.shared[self.home()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        Ok(Sender::Http2(sender))
     }
 
     /// Sends `req` on a pooled connection, or a new one. When a pooled
@@ -228,6 +322,13 @@ impl Pool {
         list.retain(|idle| {
             !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
         });
+        drop(list);
+        let mut slot = self.shared[self.home()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            *slot = None;
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub version: http::Version,
     pub headers: HeaderMap,
 }
 
@@ -41,6 +42,8 @@ pub struct TestBackend {
     pub fail_all: Arc<std::sync::atomic::AtomicBool>,
     /// Wait this many milliseconds before answering any request but `/healthz`.
     pub delay_ms: Arc<AtomicUsize>,
+    /// `/healthz` requests answered.
+    pub probes: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -60,6 +63,15 @@ impl TestBackend {
 
     /// Starts on a given address, such as the one a stopped backend had.
     pub fn start_at(name: &str, addr: SocketAddr) -> TestBackend {
+        Self::spawn(name, addr, None)
+    }
+
+    /// The same backend behind TLS.
+    pub fn start_tls(name: &str, tls: tokio_rustls::TlsAcceptor) -> TestBackend {
+        Self::spawn(name, "127.0.0.1:0".parse().unwrap(), Some(tls))
+    }
+
+    fn spawn(name: &str, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> TestBackend {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -68,11 +80,12 @@ impl TestBackend {
         let health = Arc::new(AtomicUsize::new(HEALTH_OK));
         let fail_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicUsize::new(0));
+        let probes = Arc::new(AtomicUsize::new(0));
         let behaviour = Behaviour {
             health: health.clone(),
             fail_all: fail_all.clone(),
             delay_ms: delay_ms.clone(),
-            probes: Arc::new(AtomicUsize::new(0)),
+            probes: probes.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (name2, seen2, conns2) = (name.to_string(), seen.clone(), connections.clone());
@@ -92,13 +105,25 @@ impl TestBackend {
                         conns2.fetch_add(1, Ordering::SeqCst);
                         let (name, seen, behaviour) =
                             (name2.clone(), seen2.clone(), behaviour.clone());
+                        let tls = tls.clone();
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| {
                                 answer(name.clone(), seen.clone(), behaviour.clone(), req)
                             });
-                            let _ = auto::Builder::new(TokioExecutor::new())
-                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                                .await;
+                            let builder = auto::Builder::new(TokioExecutor::new());
+                            match tls {
+                                None => {
+                                    let io = TokioIo::new(stream);
+                                    let _ = builder.serve_connection_with_upgrades(io, svc).await;
+                                }
+                                Some(tls) => {
+                                    let Ok(stream) = tls.accept(stream).await else {
+                                        return;
+                                    };
+                                    let io = TokioIo::new(stream);
+                                    let _ = builder.serve_connection_with_upgrades(io, svc).await;
+                                }
+                            }
                         });
                     }
                 };
@@ -117,6 +142,7 @@ impl TestBackend {
             health,
             fail_all,
             delay_ms,
+            probes,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -185,6 +211,7 @@ async fn answer(
     seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
+        version: req.version(),
         headers: req.headers().clone(),
     });
     let delay = behaviour.delay_ms.load(Ordering::SeqCst);

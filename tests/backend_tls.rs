@@ -1,0 +1,176 @@
+//! TLS to backends: certificates checked against a test CA, SNI, h2 by ALPN,
+//! health probes over TLS, and the insecure switch for test rigs.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A CA written to `<dir>/<file>.pem`, able to sign backend certificates.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(dir: &Path, file: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{file} test CA"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), issuer.pem()).unwrap();
+        TestCa { issuer }
+    }
+
+    /// A TLS acceptor presenting a certificate for `names` signed by this CA.
+    fn acceptor(&self, names: &[&str], alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let chain = vec![CertificateDer::from(cert.der().to_vec())];
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+const H2_AND_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+fn config(backends: &[&TestBackend], tls: &str, extra: &str) -> String {
+    format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    tls: {tls}\n{extra}    backends:\n{}admin:\n  bind: 127.0.0.1:0\nworkers: 2\n",
+        backend_list(backends)
+    )
+}
+
+#[test]
+fn requests_and_probes_reach_backends_over_verified_tls_with_h2_where_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let h2 = TestBackend::start_tls("h2", ca.acceptor(&["backend.test"], H2_AND_H1));
+    let h1 = TestBackend::start_tls("h1", ca.acceptor(&["backend.test"], &[b"http/1.1"]));
+    let tls = format!(
+        "{{ ca: {}/ca.pem, server_name: backend.test }}",
+        dir.path().display()
+    );
+    let checks = "    health_check: { path: /healthz, interval: 50ms, initial: unhealthy, healthy_threshold: 1 }\n";
+    let lb = Balancer::start(&config(&[&h2, &h1], &tls, checks));
+
+    // Both start down: only probes that complete a verified handshake bring them up.
+    wait_until(Duration::from_secs(10), "both backends probed up", || {
+        shown_healthy(lb.admin(), h2.addr) && shown_healthy(lb.admin(), h1.addr)
+    });
+    assert!(h2.probes.load(Ordering::SeqCst) >= 1);
+    assert!(h1.probes.load(Ordering::SeqCst) >= 1);
+
+    let served = tally(lb.addr, 40);
+    assert_eq!(served.get("h2"), Some(&20), "{served:?}");
+    assert_eq!(served.get("h1"), Some(&20), "{served:?}");
+    let seen = h2.requests();
+    assert!(
+        seen.iter().all(|r| r.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "http");
+    assert!(h1
+        .requests()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_11));
+    // HTTP/2 multiplexes: one connection per worker at most.
+    assert!(h2.connections.load(Ordering::SeqCst) - h2.probes.load(Ordering::SeqCst) <= 2);
+}
+
+#[test]
+fn http2_false_keeps_backends_on_http1() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let b = TestBackend::start_tls("a", ca.acceptor(&["backend.test"], H2_AND_H1));
+    let tls = format!(
+        "{{ ca: {}/ca.pem, server_name: backend.test, http2: false }}",
+        dir.path().display()
+    );
+    let lb = Balancer::start(&config(&[&b], &tls, ""));
+    assert_eq!(get(lb.addr, "/").body, "a");
+    assert_eq!(b.requests()[0].version, http::Version::HTTP_11);
+}
+
+#[test]
+fn a_certificate_that_does_not_verify_gets_502_unless_verification_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let _other = TestCa::new(dir.path(), "other");
+    let b = TestBackend::start_tls("a", ca.acceptor(&["backend.test"], H2_AND_H1));
+    let d = dir.path().display();
+    let cases = [
+        // Signed by a CA we do not trust.
+        (
+            format!("{{ ca: {d}/other.pem, server_name: backend.test }}"),
+            502,
+        ),
+        // Trusted, but for another name (the default name is the backend's IP).
+        (format!("{{ ca: {d}/ca.pem }}"), 502),
+        (
+            format!("{{ ca: {d}/ca.pem, server_name: elsewhere.test }}"),
+            502,
+        ),
+        ("{ insecure_skip_verify: true }".to_string(), 200),
+        (
+            format!("{{ ca: {d}/ca.pem, server_name: backend.test }}"),
+            200,
+        ),
+    ];
+    for (tls, want) in cases {
+        let lb = Balancer::start(&config(&[&b], &tls, "    retries: 0\n"));
+        let r = get(lb.addr, "/");
+        assert_eq!(r.status, want, "{tls}: {r:?}");
+    }
+    // Only the two accepted configurations got a request through.
+    assert_eq!(b.requests().len(), 2);
+}
+
+#[test]
+fn upstream_tls_mistakes_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate\n").unwrap();
+    let yaml = |tls: &str| {
+        format!("listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends: [127.0.0.1:9]\n    tls: {tls}\n")
+    };
+    let problems = |tls: &str| {
+        bascule::config::decode(&yaml(tls), dir.path())
+            .unwrap_err()
+            .into_iter()
+            .map(|p| format!("{:?} {}: {}", p.pos, p.path, p.message))
+            .collect::<Vec<_>>()
+    };
+    let missing = problems("{ ca: missing.pem }");
+    assert!(
+        missing[0].contains("upstreams.app.tls: cannot read") && missing[0].contains("missing.pem"),
+        "{missing:?}"
+    );
+    let junk = problems("{ ca: junk.pem }");
+    assert!(junk[0].contains("junk.pem"), "{junk:?}");
+    let both = problems("{ ca: junk.pem, insecure_skip_verify: true }");
+    assert!(both[0].contains("contradict"), "{both:?}");
+    let name = problems("{ insecure_skip_verify: true, server_name: 'no such name' }");
+    assert!(name[0].contains("not a DNS name"), "{name:?}");
+    let key = problems("{ insecure_skip_verify: true, alpn: h2 }");
+    assert!(key[0].contains("alpn: unknown key"), "{key:?}");
+}
