@@ -320,3 +320,46 @@ async fn a_reload_with_a_bad_key_keeps_serving_the_old_certificate() {
     );
     tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resume_sessions_across_a_reload() {
+    use rustls::HandshakeKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBackend::start("a");
+    let (certs, tls) = setup();
+    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
+    let lb = tokio::task::spawn_blocking({
+        let yaml = yaml.clone();
+        move || Balancer::start(&yaml)
+    })
+    .await
+    .unwrap();
+    // One client configuration, so one client session store, for every connection.
+    let connector = client(&[b"http/1.1"]);
+    let connect = |connector: tokio_rustls::TlsConnector| async move {
+        let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        let name = ServerName::try_from("api.example.test").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let kind = tls.get_ref().1.handshake_kind();
+        // A whole exchange, so that the tickets sent after the handshake are read.
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        tls.read_to_end(&mut reply).await.unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 200"));
+        kind
+    };
+    assert_eq!(connect(connector.clone()).await, Some(HandshakeKind::Full));
+    assert_eq!(
+        connect(connector.clone()).await,
+        Some(HandshakeKind::Resumed)
+    );
+    let config = bascule::config::decode(&yaml, certs._dir.path()).unwrap();
+    lb.server().reload(config).unwrap();
+    assert_eq!(
+        connect(connector.clone()).await,
+        Some(HandshakeKind::Resumed)
+    );
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
