@@ -1,39 +1,73 @@
 #!/usr/bin/env bash
-# Runs bascule on 127.0.0.1:8080 in front of three local replicas (127.0.0.1:9001-9003).
-# Ctrl-C stops everything.
+# Runs bascule on 127.0.0.1:8080 (and :8081 with sticky sessions) in front of three
+# replicas of examples/app on 127.0.0.1:9001-9003. The replicas keep their state in
+# Redis: REDIS_URL if set, else a redis-server started here on 127.0.0.1:6399 when
+# one is installed, else each replica's own memory (and the demo says what that
+# changes). Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-cargo build --quiet --bin bascule --example replica
+cargo build --quiet --bin bascule --example app
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+if [[ -z "${REDIS_URL:-}" ]] && command -v redis-server >/dev/null; then
+  redis-server --port 6399 --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+  pids+=($!)
+  export REDIS_URL=redis://127.0.0.1:6399
+  for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/6399) 2>/dev/null && break
+    sleep 0.1
+  done
+fi
+
 for i in 1 2 3; do
-  target/debug/examples/replica "127.0.0.1:900$i" "replica-$i" &
+  target/debug/examples/app --listen "127.0.0.1:900$i" --name "replica-$i" >/dev/null &
   pids+=($!)
 done
 target/debug/bascule --config conf/demo.yaml &
-pids+=($!)
+bascule=$!
+pids+=($bascule)
 
 # Wait until the balancer answers.
 for _ in $(seq 100); do
-  curl -s -o /dev/null http://127.0.0.1:8080/ && break
+  curl -s -o /dev/null http://127.0.0.1:8080/healthz && break
   sleep 0.1
 done
+sleep 1 # the first health checks
 
+jar=$(mktemp)
 echo
-echo "bascule is on http://127.0.0.1:8080 in front of three replicas (replica-3 has weight 2):"
-for _ in 1 2 3 4 5 6 7 8; do curl -s http://127.0.0.1:8080/hello; done
-cat <<'MSG'
+echo "bascule is on http://127.0.0.1:8080 in front of three replicas. One user, six visits:"
+for _ in 1 2 3 4 5 6; do curl -s -b "$jar" -c "$jar" http://127.0.0.1:8080/; done
+rm -f "$jar"
+echo
+if [[ -n "${REDIS_URL:-}" ]]; then
+  cat <<MSG
+The visits rotate over the replicas and the count goes on: the session lives in Redis
+($REDIS_URL), so any replica can serve it. No sticky sessions needed.
+MSG
+else
+  cat <<'MSG'
+No Redis here (install redis-server or set REDIS_URL): each replica keeps sessions in
+its own memory, so the count starts over on each replica. Port 8081 adds sticky
+sessions, which keep a user on one replica:
+  c=$(mktemp); for i in 1 2 3; do curl -s -b $c -c $c localhost:8081/; done
+MSG
+fi
+cat <<MSG
 
 Try:
-  curl -s localhost:8080/                 # answers rotate over the replicas, replica-3 twice as often
-  curl -s localhost:8080/headers          # what a replica receives: X-Forwarded-For, -Proto, -Host
-  curl -s --http2-prior-knowledge localhost:8080/   # HTTP/2 without TLS (h2c)
-  curl -s localhost:9901/status           # upstreams and backends as JSON
-  curl -s localhost:9901/metrics          # Prometheus metrics
+  c=\$(mktemp); for i in 1 2 3 4; do curl -s -b \$c -c \$c localhost:8080/; done   # one session, many replicas
+  curl -s -X POST -b \$c -c \$c 'localhost:8080/cart?item=tea'; curl -s -b \$c localhost:8080/cart
+  time curl -s 'localhost:8080/report?n=2000000'   # slow the first time (cache miss) ...
+  time curl -s 'localhost:8080/report?n=2000000'   # ... then a cache hit, on every replica
+  curl -s localhost:9002/stats                     # one replica's cache hits and misses
+  kill ${pids[-2]}                                  # kill replica-3: traffic moves on, no session lost
+  curl -s localhost:9901/status                    # upstreams and backends as JSON
+  curl -s localhost:9901/metrics                   # Prometheus metrics
+  kill -HUP $bascule                                # re-read conf/demo.yaml after editing it
+Ctrl-C stops the demo.
 MSG
-echo "  kill -HUP ${pids[3]}                      # re-read conf/demo.yaml after editing it"
-echo "Ctrl-C stops the demo."
 wait
