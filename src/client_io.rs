@@ -8,6 +8,16 @@
 //!
 //! The proxy marks a request in progress with `Activity::begin`; the returned
 //! guard rides with the response body, so "idle" starts when the response ends.
+//!
+//! Parking (plain HTTP/1 connections, see `server.rs`): an idle connection should
+//! hold no buffers while it waits for its next request, but hyper keeps its read
+//! and write buffers for a connection's whole life. So, when hyper asks for the
+//! next request and none has begun to arrive, and everything written has been
+//! flushed, the wrapper answers end-of-file: hyper ends the connection cleanly
+//! (without shutting the socket down, which is skipped while parked) and hands the
+//! socket back. The server then waits for readability with nothing but the socket,
+//! and starts a new hyper connection on it when bytes arrive. Bytes hyper had read
+//! but not used come back as `prefix` and are read first.
 
 use std::future::Future;
 use std::io;
@@ -17,6 +27,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -72,6 +83,14 @@ pin_project_lite::pin_project! {
         // Set by the first bytes: None before them. HTTP/2 frames arrive on idle
         // connections (WINDOW_UPDATE, PING), so the header deadline is for HTTP/1 only.
         http2: Option<bool>,
+        // Parking, when enabled: see the module docs.
+        park: bool,
+        parked: bool,
+        // Written since the last completed flush: no parking before the reply is out.
+        unflushed: bool,
+        // A read was refused parking for unflushed data: wake the task once flushed.
+        wake_on_flush: bool,
+        prefix: Bytes,
     }
 }
 
@@ -88,7 +107,39 @@ impl<S> ClientIo<S> {
             head_started: None,
             seen_started: 0,
             http2: None,
+            park: false,
+            parked: false,
+            unflushed: false,
+            wake_on_flush: false,
+            prefix: Bytes::new(),
         }
+    }
+
+    /// Hands the connection back when it goes idle (HTTP/1 only).
+    pub fn parking(mut self) -> Self {
+        self.park = true;
+        self
+    }
+
+    /// Whether the end of the last hyper connection was this wrapper parking it.
+    pub fn is_parked(&self) -> bool {
+        self.parked
+    }
+
+    /// When a parked connection's keep-alive timeout runs out.
+    pub fn keepalive_deadline(&self) -> Instant {
+        self.idle_since + self.timeouts.keepalive
+    }
+
+    /// Ready to serve again; `prefix` (what the last connection read but did not use) comes first.
+    pub fn unpark(&mut self, prefix: Bytes) {
+        self.parked = false;
+        self.armed = None;
+        self.prefix = prefix;
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -107,6 +158,11 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
             *this.head_started = None;
             *this.armed = None;
         }
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match this.inner.poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -124,6 +180,14 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
             Poll::Pending if !idle => {
                 *this.armed = None;
                 return Poll::Pending;
+            }
+            Poll::Pending if *this.park && this.head_started.is_none() => {
+                if !*this.unflushed {
+                    *this.parked = true;
+                    *this.idle_since = Instant::now();
+                    return Poll::Ready(Ok(())); // end of file: see the module docs
+                }
+                *this.wake_on_flush = true;
             }
             Poll::Pending => {}
         }
@@ -155,7 +219,9 @@ impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        *this.unflushed = true;
+        this.inner.poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -163,7 +229,9 @@ impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        *this.unflushed = true;
+        this.inner.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -171,10 +239,22 @@ impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let flushed = ready!(this.inner.poll_flush(cx));
+        if flushed.is_ok() {
+            // hyper flushes the socket only once its own buffer is written out.
+            *this.unflushed = false;
+            if std::mem::take(this.wake_on_flush) {
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.parked {
+            return Poll::Ready(Ok(())); // the socket lives on
+        }
         self.project().inner.poll_shutdown(cx)
     }
 }

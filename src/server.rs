@@ -401,16 +401,16 @@ impl Worker {
         };
         let listener = routes.config.clone();
         match (&listener.tls, &routes.tls) {
+            // Each boxed: the task holds only the one in use, at its own size.
             (None, _) => {
-                self.serve_io(stream, false, peer, key, tunnels, stop, listener)
-                    .await
+                Box::pin(self.serve_plain(stream, peer, key, tunnels, stop, listener)).await
             }
             (Some(tls), Some(acceptor)) => {
                 // The handshake runs here, in the connection's task, never in the accept loop.
-                let handshake = acceptor.accept(stream);
+                let handshake = Box::pin(acceptor.accept(stream));
                 match tokio::time::timeout(tls.handshake_timeout, handshake).await {
                     Ok(Ok(stream)) => {
-                        self.serve_io(stream, true, peer, key, tunnels, stop, listener)
+                        Box::pin(self.serve_io(stream, true, peer, key, tunnels, stop, listener))
                             .await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
@@ -419,6 +419,98 @@ impl Worker {
             }
             // A TLS listener whose configuration could not be built serves nothing in clear.
             (Some(_), None) => {}
+        }
+    }
+
+    /// A connection without TLS: HTTP/2 with prior knowledge goes to hyper's
+    /// protocol detection; HTTP/1 is served with parking (`client_io.rs`), so
+    /// that an idle keep-alive connection holds only its socket.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        key: SocketAddr,
+        tunnels: TaskTracker,
+        stop: CancellationToken,
+        listener: crate::config::ListenerConfig,
+    ) {
+        let mut first = [0u8; 3];
+        let deadline = tokio::time::Instant::now() + listener.keepalive_timeout;
+        let (timeouts, head_limit) = (
+            timeouts(&listener),
+            proxy::head_limit(listener.max_header_bytes),
+        );
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return, // closed, failed, or silent until the keep-alive timeout
+            },
+            _ = stop.cancelled() => return,
+        };
+        if b"PRI".starts_with(&first[..n]) {
+            // The HTTP/2 connection preface, "PRI * HTTP/2.0...".
+            return Box::pin(self.serve_io(stream, false, peer, key, tunnels, stop, listener))
+                .await;
+        }
+        drop(listener);
+        let activity = Arc::new(Activity::default());
+        let mut io = ClientIo::new(stream, activity.clone(), timeouts).parking();
+        let cx = self.context(key, peer, false, activity, tunnels);
+        let service = service_fn(move |req| proxy::serve(cx.clone(), req));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(head_limit)
+            // Never read ahead for an end of file while a reply is in progress:
+            // parking must only ever happen between requests.
+            .half_close(true);
+        loop {
+            // Boxed: it lives only while a request is in progress, not while parked.
+            let mut conn = Box::pin(
+                builder
+                    .serve_connection(TokioIo::new(io), service.clone())
+                    .with_upgrades(),
+            );
+            let result = tokio::select! {
+                r = &mut conn => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, "client connection ended: {e}");
+                    }
+                    return;
+                }
+            };
+            // None: upgraded to a tunnel, which now owns the socket.
+            let Some(parts) = std::pin::Pin::into_inner(conn).into_parts() else {
+                return;
+            };
+            io = parts.io.into_inner();
+            if !io.is_parked() {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, "client connection ended: {e}");
+                }
+                return;
+            }
+            // Parked: hyper's buffers are gone; wait for the next request with the
+            // socket alone. An empty read buffer still holds its allocation: drop it.
+            let unread = parts.read_buf;
+            if unread.is_empty() {
+                drop(unread);
+                tokio::select! {
+                    r = tokio::time::timeout_at(io.keepalive_deadline(), io.get_ref().readable()) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            return; // keep-alive timeout, or the socket failed
+                        }
+                    }
+                    _ = stop.cancelled() => return,
+                }
+                io.unpark(bytes::Bytes::new());
+            } else {
+                io.unpark(unread);
+            }
         }
     }
 
@@ -436,21 +528,8 @@ impl Worker {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::default());
-        let timeouts = Timeouts {
-            keepalive: listener.keepalive_timeout,
-            header_read: listener.header_read_timeout,
-        };
-        let io = TokioIo::new(ClientIo::new(stream, activity.clone(), timeouts));
-        let cx = Arc::new(ConnContext {
-            state: self.state.clone(),
-            listener: key,
-            peer,
-            client_ip: ConnContext::client_ip_header(peer),
-            tls,
-            activity,
-            tunnels,
-            access_log: self.access_log.clone(),
-        });
+        let io = TokioIo::new(ClientIo::new(stream, activity.clone(), timeouts(&listener)));
+        let cx = self.context(key, peer, tls, activity, tunnels);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -474,6 +553,33 @@ impl Worker {
         if let Err(e) = result {
             tracing::debug!(%peer, "client connection ended: {e}");
         }
+    }
+
+    fn context(
+        &self,
+        key: SocketAddr,
+        peer: SocketAddr,
+        tls: bool,
+        activity: Arc<Activity>,
+        tunnels: TaskTracker,
+    ) -> Arc<ConnContext> {
+        Arc::new(ConnContext {
+            state: self.state.clone(),
+            listener: key,
+            peer,
+            client_ip: ConnContext::client_ip_header(peer),
+            tls,
+            activity,
+            tunnels,
+            access_log: self.access_log.clone(),
+        })
+    }
+}
+
+fn timeouts(listener: &crate::config::ListenerConfig) -> Timeouts {
+    Timeouts {
+        keepalive: listener.keepalive_timeout,
+        header_read: listener.header_read_timeout,
     }
 }
 

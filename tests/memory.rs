@@ -72,3 +72,43 @@ fn one_gib_up_and_down_with_flat_rss() {
         "RSS grew by {growth} KiB while streaming"
     );
 }
+
+/// Idle keep-alive connections give their buffers back between requests
+/// (server.rs parks them): 2 000 of them, each after one request, cost a few KiB
+/// each, not the 40-odd KiB that hyper holds for a connection it keeps.
+#[test]
+fn idle_keep_alive_connections_hold_no_buffers() {
+    let b = TestBackend::start("a");
+    let p = Process::start(&simple_config(&[&b]));
+    let addr = p.addrs[0];
+    let mut warm = KeepAlive::new(addr);
+    for _ in 0..50 {
+        assert_eq!(warm.get("/").unwrap().0, 200);
+    }
+    let baseline = p.rss_kib();
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    let per_conn = p.rss_kib().saturating_sub(baseline) / 2000;
+    eprintln!("{per_conn} KiB per idle connection");
+    assert!(per_conn <= 12, "{per_conn} KiB per idle connection");
+    // Parked connections serve again, pipelined requests included.
+    for s in idle.iter_mut().take(50) {
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+}

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
-use crate::client_io::Activity;
+use crate::client_io::{Activity, Busy};
 use crate::config::Balance;
 use crate::health;
 use crate::state::{ListenerRoutes, Snapshot, State};
@@ -222,8 +222,10 @@ async fn forward(
         headers::strip_hop_by_hop(resp.headers_mut());
         headers::set_upgrade(resp.headers_mut(), protocol);
         let in_flight = ex.in_flight.take();
+        // The connection stays busy while the tunnel lives: no keep-alive timeout, no parking.
+        let busy = cx.activity.begin();
         cx.tunnels
-            .spawn(tunnel(client_upgrade, backend_upgrade, in_flight));
+            .spawn(tunnel(client_upgrade, backend_upgrade, (in_flight, busy)));
         return Ok(resp);
     }
     headers::strip_hop_by_hop(resp.headers_mut());
@@ -344,7 +346,7 @@ fn head_size<B>(req: &Request<B>) -> usize {
 
 /// Copies bytes both ways between an upgraded client and backend until either side closes.
 /// The backend counts the tunnel as a request in flight for as long as it is open.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, _in_flight: Option<InFlight>) {
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, _held: (Option<InFlight>, Busy)) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(e) => {
