@@ -61,6 +61,10 @@ impl Drop for Busy {
     }
 }
 
+/// A connection idle this long is parked. Under load the next request comes
+/// sooner, and the connection keeps its hyper state instead of rebuilding it per request.
+const PARK_AFTER: Duration = Duration::from_millis(5);
+
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
     pub keepalive: Duration,
@@ -88,8 +92,6 @@ pin_project_lite::pin_project! {
         parked: bool,
         // Written since the last completed flush: no parking before the reply is out.
         unflushed: bool,
-        // A read was refused parking for unflushed data: wake the task once flushed.
-        wake_on_flush: bool,
         prefix: Bytes,
     }
 }
@@ -110,7 +112,6 @@ impl<S> ClientIo<S> {
             park: false,
             parked: false,
             unflushed: false,
-            wake_on_flush: false,
             prefix: Bytes::new(),
         }
     }
@@ -181,29 +182,39 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
                 *this.armed = None;
                 return Poll::Pending;
             }
-            Poll::Pending if *this.park && this.head_started.is_none() => {
-                if !*this.unflushed {
-                    *this.parked = true;
-                    *this.idle_since = Instant::now();
-                    return Poll::Ready(Ok(())); // end of file: see the module docs
-                }
-                *this.wake_on_flush = true;
-            }
             Poll::Pending => {}
         }
         if this.armed.is_none() {
             // First wait since the connection opened or a request ended: the idle clock starts now.
             *this.idle_since = Instant::now();
         }
-        let deadline = match *this.head_started {
-            Some(t) => t + this.timeouts.header_read,
-            None => *this.idle_since + this.timeouts.keepalive,
-        };
-        if *this.armed != Some(deadline) {
-            this.timer.as_mut().reset(deadline);
-            *this.armed = Some(deadline);
+        let parkable = *this.park && this.head_started.is_none();
+        loop {
+            let deadline = match *this.head_started {
+                Some(t) => t + this.timeouts.header_read,
+                None if parkable => {
+                    let park_at = this.armed.map_or(*this.idle_since + PARK_AFTER, |a| a);
+                    park_at.min(*this.idle_since + this.timeouts.keepalive)
+                }
+                None => *this.idle_since + this.timeouts.keepalive,
+            };
+            if *this.armed != Some(deadline) {
+                this.timer.as_mut().reset(deadline);
+                *this.armed = Some(deadline);
+            }
+            ready!(this.timer.as_mut().poll(cx));
+            if !parkable {
+                break;
+            }
+            if !*this.unflushed {
+                *this.parked = true;
+                return Poll::Ready(Ok(())); // end of file: see the module docs
+            }
+            // The reply is still going out: look again a little later.
+            let again = Instant::now() + PARK_AFTER;
+            this.timer.as_mut().reset(again);
+            *this.armed = Some(again);
         }
-        ready!(this.timer.as_mut().poll(cx));
         let what = if this.head_started.is_some() {
             "the request head did not arrive in time"
         } else {
@@ -244,9 +255,6 @@ impl<S: AsyncWrite> AsyncWrite for ClientIo<S> {
         if flushed.is_ok() {
             // hyper flushes the socket only once its own buffer is written out.
             *this.unflushed = false;
-            if std::mem::take(this.wake_on_flush) {
-                cx.waker().wake_by_ref();
-            }
         }
         Poll::Ready(flushed)
     }
