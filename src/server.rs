@@ -375,8 +375,13 @@ impl Worker {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let tunnels = connections.clone();
-                    connections.spawn(self.clone().serve(stream, peer, key, tunnels, stop.clone()));
+                    let at = Accepted {
+                        peer,
+                        key,
+                        tunnels: connections.clone(),
+                        stop: stop.clone(),
+                    };
+                    connections.spawn(self.clone().serve(stream, at));
                 }
                 Err(e) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -387,34 +392,22 @@ impl Worker {
         }
     }
 
-    async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        key: SocketAddr,
-        tunnels: TaskTracker,
-        stop: CancellationToken,
-    ) {
+    async fn serve(self: Arc<Self>, stream: TcpStream, at: Accepted) {
         let snapshot = self.state.load_full();
-        let Some(routes) = snapshot.listener(key) else {
+        let Some(routes) = snapshot.listener(at.key) else {
             return; // the listener was removed by a reload after this connection was accepted
         };
         let listener = routes.config.clone();
         match (&listener.tls, &routes.tls) {
             // Each boxed: the task holds only the one in use, at its own size.
-            (None, _) => {
-                Box::pin(self.serve_plain(stream, peer, key, tunnels, stop, listener)).await
-            }
+            (None, _) => Box::pin(self.serve_plain(stream, at, listener)).await,
             (Some(tls), Some(acceptor)) => {
                 // The handshake runs here, in the connection's task, never in the accept loop.
                 let handshake = Box::pin(acceptor.accept(stream));
                 match tokio::time::timeout(tls.handshake_timeout, handshake).await {
-                    Ok(Ok(stream)) => {
-                        Box::pin(self.serve_io(stream, true, peer, key, tunnels, stop, listener))
-                            .await
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Ok(stream)) => Box::pin(self.serve_io(stream, true, at, listener)).await,
+                    Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
                 }
             }
             // A TLS listener whose configuration could not be built serves nothing in clear.
@@ -425,14 +418,10 @@ impl Worker {
     /// A connection without TLS: HTTP/2 with prior knowledge goes to hyper's
     /// protocol detection; HTTP/1 is served with parking (`client_io.rs`), so
     /// that an idle keep-alive connection holds only its socket.
-    #[allow(clippy::too_many_arguments)]
     async fn serve_plain(
         self: Arc<Self>,
         stream: TcpStream,
-        peer: SocketAddr,
-        key: SocketAddr,
-        tunnels: TaskTracker,
-        stop: CancellationToken,
+        at: Accepted,
         listener: crate::config::ListenerConfig,
     ) {
         let mut first = [0u8; 3];
@@ -446,17 +435,16 @@ impl Worker {
                 Ok(Ok(n)) if n > 0 => n,
                 _ => return, // closed, failed, or silent until the keep-alive timeout
             },
-            _ = stop.cancelled() => return,
+            _ = at.stop.cancelled() => return,
         };
         if b"PRI".starts_with(&first[..n]) {
             // The HTTP/2 connection preface, "PRI * HTTP/2.0...".
-            return Box::pin(self.serve_io(stream, false, peer, key, tunnels, stop, listener))
-                .await;
+            return Box::pin(self.serve_io(stream, false, at, listener)).await;
         }
         drop(listener);
         let activity = Arc::new(Activity::default());
         let mut io = ClientIo::new(stream, activity.clone(), timeouts).parking();
-        let cx = self.context(key, peer, false, activity, tunnels);
+        let cx = self.context(&at, false, activity);
         let service = service_fn(move |req| proxy::serve(cx.clone(), req));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -475,10 +463,10 @@ impl Worker {
             );
             let result = tokio::select! {
                 r = &mut conn => r,
-                _ = stop.cancelled() => {
+                _ = at.stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     if let Err(e) = conn.await {
-                        tracing::debug!(%peer, "client connection ended: {e}");
+                        tracing::debug!(peer = %at.peer, "client connection ended: {e}");
                     }
                     return;
                 }
@@ -490,46 +478,41 @@ impl Worker {
             io = parts.io.into_inner();
             if !io.is_parked() {
                 if let Err(e) = result {
-                    tracing::debug!(%peer, "client connection ended: {e}");
+                    tracing::debug!(peer = %at.peer, "client connection ended: {e}");
                 }
                 return;
             }
             // Parked: hyper's buffers are gone; wait for the next request with the
             // socket alone. An empty read buffer still holds its allocation: drop it.
-            let unread = parts.read_buf;
+            let unread = Some(parts.read_buf)
+                .filter(|b| !b.is_empty())
+                .unwrap_or_default();
             if unread.is_empty() {
-                drop(unread);
                 tokio::select! {
                     r = tokio::time::timeout_at(io.keepalive_deadline(), io.get_ref().readable()) => {
                         if !matches!(r, Ok(Ok(()))) {
                             return; // keep-alive timeout, or the socket failed
                         }
                     }
-                    _ = stop.cancelled() => return,
+                    _ = at.stop.cancelled() => return,
                 }
-                io.unpark(bytes::Bytes::new());
-            } else {
-                io.unpark(unread);
             }
+            io.unpark(unread);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn serve_io<S>(
         self: Arc<Self>,
         stream: S,
         tls: bool,
-        peer: SocketAddr,
-        key: SocketAddr,
-        tunnels: TaskTracker,
-        stop: CancellationToken,
+        at: Accepted,
         listener: crate::config::ListenerConfig,
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::default());
         let io = TokioIo::new(ClientIo::new(stream, activity.clone(), timeouts(&listener)));
-        let cx = self.context(key, peer, tls, activity, tunnels);
+        let cx = self.context(&at, tls, activity);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -545,35 +528,39 @@ impl Worker {
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
+            _ = at.stop.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
         };
         if let Err(e) = result {
-            tracing::debug!(%peer, "client connection ended: {e}");
+            tracing::debug!(peer = %at.peer, "client connection ended: {e}");
         }
     }
 
-    fn context(
-        &self,
-        key: SocketAddr,
-        peer: SocketAddr,
-        tls: bool,
-        activity: Arc<Activity>,
-        tunnels: TaskTracker,
-    ) -> Arc<ConnContext> {
+    fn context(&self, at: &Accepted, tls: bool, activity: Arc<Activity>) -> Arc<ConnContext> {
         Arc::new(ConnContext {
             state: self.state.clone(),
-            listener: key,
-            peer,
-            client_ip: ConnContext::client_ip_header(peer),
+            listener: at.key,
+            peer: at.peer,
+            client_ip: ConnContext::client_ip_header(at.peer),
             tls,
             activity,
-            tunnels,
+            tunnels: at.tunnels.clone(),
             access_log: self.access_log.clone(),
         })
     }
+}
+
+/// An accepted connection: who, on which listener, and what ends it.
+struct Accepted {
+    peer: SocketAddr,
+    /// The listener's configured bind address, its key in the snapshot.
+    key: SocketAddr,
+    /// Where upgraded connections' tunnels are tracked, for graceful shutdown.
+    tunnels: TaskTracker,
+    /// Cancelled when the listener is removed or the server shuts down.
+    stop: CancellationToken,
 }
 
 fn timeouts(listener: &crate::config::ListenerConfig) -> Timeouts {

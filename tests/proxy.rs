@@ -193,13 +193,7 @@ async fn h2c_prior_knowledge_reaches_an_http1_backend() {
     .await
     .unwrap();
     let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_client(stream).await;
     for _ in 0..3 {
         let req = http::Request::get("http://h2.example.com:8443/path?q=1")
             .body(http_body_util::Empty::<bytes::Bytes>::new())

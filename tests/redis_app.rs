@@ -111,6 +111,11 @@ impl Replica {
     }
 }
 
+/// One replica per name, all on `redis` (or in-process without it).
+fn replicas(names: &[&str], redis: Option<&Redis>) -> Vec<Replica> {
+    names.iter().map(|n| Replica::start(n, redis)).collect()
+}
+
 impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -159,10 +164,7 @@ fn replica_of(reply: &Reply) -> String {
 #[test]
 fn a_session_made_on_one_replica_is_read_on_the_others() {
     let Some(redis) = Redis::start() else { return };
-    let replicas: Vec<Replica> = ["r1", "r2", "r3"]
-        .iter()
-        .map(|n| Replica::start(n, Some(&redis)))
-        .collect();
+    let replicas = replicas(&["r1", "r2", "r3"], Some(&redis));
     let lb = balancer(&replicas.iter().collect::<Vec<_>>());
 
     let first = get(lb.addr, "/");
@@ -189,9 +191,9 @@ fn a_session_made_on_one_replica_is_read_on_the_others() {
 #[test]
 fn killing_the_replica_that_made_a_session_loses_nothing() {
     let Some(redis) = Redis::start() else { return };
-    let mut replicas: Vec<Option<Replica>> = ["r1", "r2", "r3"]
-        .iter()
-        .map(|n| Some(Replica::start(n, Some(&redis))))
+    let mut replicas: Vec<Option<Replica>> = replicas(&["r1", "r2", "r3"], Some(&redis))
+        .into_iter()
+        .map(Some)
         .collect();
     let lb = balancer(&replicas.iter().flatten().collect::<Vec<_>>());
 
@@ -218,10 +220,7 @@ fn killing_the_replica_that_made_a_session_loses_nothing() {
 #[test]
 fn with_redis_gone_replicas_fail_their_health_checks_and_bascule_answers_503() {
     let Some(redis) = Redis::start() else { return };
-    let replicas: Vec<Replica> = ["r1", "r2"]
-        .iter()
-        .map(|n| Replica::start(n, Some(&redis)))
-        .collect();
+    let replicas = replicas(&["r1", "r2"], Some(&redis));
     let lb = balancer(&replicas.iter().collect::<Vec<_>>());
     assert_eq!(get(lb.addr, "/").status, 200);
 
@@ -247,10 +246,7 @@ fn with_redis_gone_replicas_fail_their_health_checks_and_bascule_answers_503() {
 #[test]
 fn cache_aside_makes_the_slow_report_a_hit_on_every_replica() {
     let Some(redis) = Redis::start() else { return };
-    let replicas: Vec<Replica> = ["r1", "r2", "r3"]
-        .iter()
-        .map(|n| Replica::start(n, Some(&redis)))
-        .collect();
+    let replicas = replicas(&["r1", "r2", "r3"], Some(&redis));
     let lb = balancer(&replicas.iter().collect::<Vec<_>>());
 
     let cold = get(lb.addr, "/report?n=200000");
@@ -277,10 +273,7 @@ fn cache_aside_makes_the_slow_report_a_hit_on_every_replica() {
 #[test]
 fn without_redis_sessions_stay_in_one_replica_unless_sticky() {
     // No Redis needed: the in-process fallback, which says so.
-    let replicas: Vec<Replica> = ["r1", "r2"]
-        .iter()
-        .map(|n| Replica::start(n, None))
-        .collect();
+    let replicas = replicas(&["r1", "r2"], None);
     let lb = balancer(&replicas.iter().collect::<Vec<_>>());
     let first = get(lb.addr, "/");
     assert!(

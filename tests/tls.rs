@@ -102,7 +102,8 @@ struct Setup {
     wild: Vec<u8>,
 }
 
-fn setup() -> (Setup, String) {
+/// The test certificates, and a config serving `b` on a TLS listener with them.
+fn tls_config(b: &TestBackend) -> (Setup, String) {
     let dir = tempfile::tempdir().unwrap();
     let default = make_cert(dir.path(), "default", &["default.example.test"]);
     let api = make_cert(dir.path(), "api", &["api.example.test"]);
@@ -111,6 +112,7 @@ fn setup() -> (Setup, String) {
         "    tls:\n      certificates:\n        - {{ cert: {d}/default.pem, key: {d}/default.key }}\n        - {{ cert: {d}/api.pem, key: {d}/api.key }}\n        - {{ cert: {d}/wild.pem, key: {d}/wild.key }}\n",
         d = dir.path().display()
     );
+    let yaml = simple_config(&[b]).replace("    routes:", &format!("{tls}    routes:"));
     (
         Setup {
             _dir: dir,
@@ -118,18 +120,28 @@ fn setup() -> (Setup, String) {
             api,
             wild,
         },
-        tls,
+        yaml,
     )
+}
+
+/// `Balancer::start`, which blocks until it listens, off the async runtime.
+async fn start(yaml: &str) -> Balancer {
+    let yaml = yaml.to_string();
+    tokio::task::spawn_blocking(move || Balancer::start(&yaml))
+        .await
+        .unwrap()
+}
+
+/// Stops the balancer (a blocking wait) off the async runtime.
+async fn stop(lb: Balancer) {
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
     let b = TestBackend::start("a");
-    let (certs, tls) = setup();
-    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
-    let lb = tokio::task::spawn_blocking(move || Balancer::start(&yaml))
-        .await
-        .unwrap();
+    let (certs, yaml) = tls_config(&b);
+    let lb = start(&yaml).await;
     assert_eq!(
         handshake(lb.addr, "api.example.test", &[]).await.0,
         certs.api
@@ -147,33 +159,23 @@ async fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
         certs.default
     );
     assert_eq!(handshake(lb.addr, "127.0.0.1", &[]).await.0, certs.default);
-    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+    stop(lb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_and_http1_over_tls_reach_the_backend_as_https() {
     use http_body_util::BodyExt;
     let b = TestBackend::start("a");
-    let (_certs, tls) = setup();
-    let yaml = simple_config(&[&b])
-        .replace("    routes:", &format!("{tls}    routes:"))
-        .replace(
-            "    backends:\n",
-            "    sticky: { secret: s }\n    backends:\n",
-        );
-    let lb = tokio::task::spawn_blocking(move || Balancer::start(&yaml))
-        .await
-        .unwrap();
+    let (_certs, yaml) = tls_config(&b);
+    let yaml = yaml.replace(
+        "    backends:\n",
+        "    sticky: { secret: s }\n    backends:\n",
+    );
+    let lb = start(&yaml).await;
 
     let (_, alpn, stream) = handshake(lb.addr, "api.example.test", &[b"h2", b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_client(stream).await;
     let req = http::Request::get("https://api.example.test/x")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -201,20 +203,19 @@ async fn alpn_h2_and_http1_over_tls_reach_the_backend_as_https() {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     assert_eq!(send.send_request(req).await.unwrap().status(), 200);
-    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+    stop(lb).await;
 }
 
 #[test]
 fn a_bad_key_or_missing_certificate_is_a_config_error_with_its_path() {
-    let (certs, tls) = setup();
+    let b = TestBackend::start("a");
+    let (certs, yaml) = tls_config(&b);
     let dir = certs._dir.path();
     std::fs::write(
         dir.join("api.key"),
         "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    let b = TestBackend::start("a");
-    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
     let err = bascule::config::decode(&yaml, dir).unwrap_err();
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(err[0].path.ends_with("tls.certificates[1]"), "{err:?}");
@@ -231,15 +232,9 @@ fn a_bad_key_or_missing_certificate_is_a_config_error_with_its_path() {
 async fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
     use http_body_util::BodyExt;
     let b = TestBackend::start("a");
-    let (certs, tls) = setup();
+    let (certs, yaml) = tls_config(&b);
     let dir = certs._dir.path().to_path_buf();
-    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
-    let lb = tokio::task::spawn_blocking({
-        let yaml = yaml.clone();
-        move || Balancer::start(&yaml)
-    })
-    .await
-    .unwrap();
+    let lb = start(&yaml).await;
     let (cert, _, open) = handshake(lb.addr, "api.example.test", &[b"http/1.1"]).await;
     assert_eq!(cert, certs.api);
     let (mut send, conn) =
@@ -272,7 +267,7 @@ async fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
             b"a"
         );
     }
-    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+    stop(lb).await;
 }
 
 #[test]
@@ -289,15 +284,9 @@ fn a_redirect_https_listener_sends_clients_to_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_a_bad_key_keeps_serving_the_old_certificate() {
     let b = TestBackend::start("a");
-    let (certs, tls) = setup();
+    let (certs, yaml) = tls_config(&b);
     let dir = certs._dir.path().to_path_buf();
-    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
-    let lb = tokio::task::spawn_blocking({
-        let yaml = yaml.clone();
-        move || Balancer::start(&yaml)
-    })
-    .await
-    .unwrap();
+    let lb = start(&yaml).await;
     std::fs::write(
         dir.join("broken.key"),
         "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
@@ -318,7 +307,7 @@ async fn a_reload_with_a_bad_key_keeps_serving_the_old_certificate() {
         handshake(lb.addr, "api.example.test", &[]).await.0,
         certs.api
     );
-    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+    stop(lb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,14 +315,8 @@ async fn clients_resume_sessions_across_a_reload() {
     use rustls::HandshakeKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = TestBackend::start("a");
-    let (certs, tls) = setup();
-    let yaml = simple_config(&[&b]).replace("    routes:", &format!("{tls}    routes:"));
-    let lb = tokio::task::spawn_blocking({
-        let yaml = yaml.clone();
-        move || Balancer::start(&yaml)
-    })
-    .await
-    .unwrap();
+    let (certs, yaml) = tls_config(&b);
+    let lb = start(&yaml).await;
     // One client configuration, so one client session store, for every connection.
     let connector = client(&[b"http/1.1"]);
     let connect = |connector: tokio_rustls::TlsConnector| async move {
@@ -361,5 +344,5 @@ async fn clients_resume_sessions_across_a_reload() {
         connect(connector.clone()).await,
         Some(HandshakeKind::Resumed)
     );
-    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+    stop(lb).await;
 }

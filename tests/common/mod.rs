@@ -359,6 +359,21 @@ impl Drop for Balancer {
     }
 }
 
+/// An HTTP/2 client connection on `io`, with its connection task spawned.
+pub async fn h2_client<I>(
+    io: I,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// A YAML upstream backend list for these test backends.
 pub fn backend_list(backends: &[&TestBackend]) -> String {
     backends
