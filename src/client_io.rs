@@ -116,9 +116,11 @@ impl<S> ClientIo<S> {
         }
     }
 
-    /// Hands the connection back when it goes idle (HTTP/1 only).
+    /// Hands the connection back when it goes idle (HTTP/1 only). It starts
+    /// parked: nothing is built for it before its first bytes arrive.
     pub fn parking(mut self) -> Self {
         self.park = true;
+        self.parked = true;
         self
     }
 
@@ -139,8 +141,31 @@ impl<S> ClientIo<S> {
         self.prefix = prefix;
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl ClientIo<tokio::net::TcpStream> {
+    /// Waits, parked, for the next request's first bytes (or the end of the
+    /// connection), and unparks; fails at the keep-alive deadline. Ready(true)
+    /// when those bytes may be HTTP/2's connection preface, "PRI * HTTP/2.0"
+    /// (HTTP/2 without TLS, with prior knowledge).
+    pub fn poll_unpark(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut first = [0u8; 3];
+        let mut peeked = ReadBuf::new(&mut first);
+        if let Poll::Ready(r) = self.inner.poll_peek(cx, &mut peeked) {
+            let n = r?;
+            self.unpark(Bytes::new());
+            return Poll::Ready(Ok(n > 0 && b"PRI".starts_with(&first[..n])));
+        }
+        let deadline = self.keepalive_deadline();
+        if self.armed != Some(deadline) {
+            self.timer.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
     }
 }
 

@@ -381,7 +381,9 @@ impl Worker {
                         tunnels: connections.clone(),
                         stop: stop.clone(),
                     };
-                    connections.spawn(self.clone().serve(stream, at));
+                    if let Some(task) = self.clone().serve(stream, at) {
+                        connections.spawn(task);
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -392,137 +394,132 @@ impl Worker {
         }
     }
 
-    async fn serve(self: Arc<Self>, stream: TcpStream, at: Accepted) {
-        let snapshot = self.state.load_full();
-        let Some(routes) = snapshot.listener(at.key) else {
-            return; // the listener was removed by a reload after this connection was accepted
-        };
-        let listener = routes.config.clone();
-        match (&listener.tls, &routes.tls) {
-            // Each boxed: the task holds only the one in use, at its own size.
-            (None, _) => Box::pin(self.serve_plain(stream, at, listener)).await,
+    /// The connection's task, chosen synchronously so that the task holds only
+    /// the future of the kind of connection it is: an idle connection's memory is
+    /// mostly this future, and one async fn over every kind would be as large as
+    /// all of them together.
+    fn serve(self: Arc<Self>, stream: TcpStream, at: Accepted) -> Option<ConnectionTask> {
+        let snapshot = self.state.load();
+        // None: the listener was removed by a reload after this connection was accepted.
+        let routes = snapshot.listener(at.key)?;
+        let limits = Limits::of(&routes.config);
+        match (&routes.config.tls, &routes.tls) {
+            (None, _) => Some(Box::pin(self.serve_plain(stream, at, limits))),
             (Some(tls), Some(acceptor)) => {
-                // The handshake runs here, in the connection's task, never in the accept loop.
-                let handshake = Box::pin(acceptor.accept(stream));
-                match tokio::time::timeout(tls.handshake_timeout, handshake).await {
-                    Ok(Ok(stream)) => Box::pin(self.serve_io(stream, true, at, listener)).await,
-                    Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
-                }
+                // The handshake runs in the connection's task, never in the accept loop.
+                let handshake =
+                    tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
+                Some(Box::pin(async move {
+                    match handshake.await {
+                        Ok(Ok(stream)) => self.serve_io(stream, true, at, limits).await,
+                        Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
+                    }
+                }))
             }
             // A TLS listener whose configuration could not be built serves nothing in clear.
-            (Some(_), None) => {}
+            (Some(_), None) => None,
         }
     }
 
     /// A connection without TLS: HTTP/2 with prior knowledge goes to hyper's
     /// protocol detection; HTTP/1 is served with parking (`client_io.rs`), so
     /// that an idle keep-alive connection holds only its socket.
-    async fn serve_plain(
+    ///
+    /// Not an async fn: an async block keeps its captures in place, where an
+    /// async fn would also keep a moved-from copy of every argument, and this
+    /// future is most of what an idle connection costs.
+    fn serve_plain(
         self: Arc<Self>,
         stream: TcpStream,
         at: Accepted,
-        listener: crate::config::ListenerConfig,
-    ) {
-        let mut first = [0u8; 3];
-        let deadline = tokio::time::Instant::now() + listener.keepalive_timeout;
-        let (timeouts, head_limit) = (
-            timeouts(&listener),
-            proxy::head_limit(listener.max_header_bytes),
-        );
-        let n = tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => match r {
-                Ok(Ok(n)) if n > 0 => n,
-                _ => return, // closed, failed, or silent until the keep-alive timeout
-            },
-            _ = at.stop.cancelled() => return,
-        };
-        if b"PRI".starts_with(&first[..n]) {
-            // The HTTP/2 connection preface, "PRI * HTTP/2.0...".
-            return Box::pin(self.serve_io(stream, false, at, listener)).await;
-        }
-        drop(listener);
+        limits: Limits,
+    ) -> impl std::future::Future<Output = ()> + Send {
         let activity = Arc::new(Activity::default());
-        let mut io = ClientIo::new(stream, activity.clone(), timeouts).parking();
-        let cx = self.context(&at, false, activity);
+        let cx = self.context(&at, false, activity.clone());
         let service = service_fn(move |req| proxy::serve(cx.clone(), req));
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(head_limit)
-            // Never read ahead for an end of file while a reply is in progress:
-            // parking must only ever happen between requests.
-            .half_close(true);
-        loop {
-            // Boxed: it lives only while a request is in progress, not while parked.
-            let mut conn = Box::pin(
-                builder
-                    .serve_connection(TokioIo::new(io), service.clone())
-                    .with_upgrades(),
-            );
-            let result = tokio::select! {
-                r = &mut conn => r,
-                _ = at.stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    if let Err(e) = conn.await {
+        // A new connection starts parked: nothing is allocated for it until bytes arrive.
+        let mut io = ClientIo::new(stream, activity, limits.timeouts).parking();
+        async move {
+            let mut first = true;
+            loop {
+                if io.is_parked() {
+                    let h2c = tokio::select! {
+                        r = std::future::poll_fn(|task| io.poll_unpark(task)) => match r {
+                            Ok(h2c) => h2c,
+                            Err(_) => return, // keep-alive timeout, or the socket failed
+                        },
+                        _ = at.stop.cancelled() => return,
+                    };
+                    if h2c && first {
+                        // hyper's protocol detection serves it; boxed, as it is the rare case.
+                        let h2c = Box::pin(self.serve_io(io.into_inner(), false, at, limits));
+                        return h2c.await;
+                    }
+                }
+                first = false;
+                // Boxed: it lives only while a request is in progress, not while parked.
+                let mut conn = Box::pin(
+                    hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(None)
+                        .max_buf_size(limits.head)
+                        // Never read ahead for an end of file while a reply is in progress:
+                        // parking must only ever happen between requests.
+                        .half_close(true)
+                        .serve_connection(TokioIo::new(io), service.clone())
+                        .with_upgrades(),
+                );
+                let result = tokio::select! {
+                    r = &mut conn => r,
+                    _ = at.stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        if let Err(e) = conn.await {
+                            tracing::debug!(peer = %at.peer, "client connection ended: {e}");
+                        }
+                        return;
+                    }
+                };
+                // None: upgraded to a tunnel, which now owns the socket.
+                let Some((returned, unread)) = std::pin::Pin::into_inner(conn)
+                    .into_parts()
+                    .map(|parts| (parts.io.into_inner(), parts.read_buf))
+                else {
+                    return;
+                };
+                io = returned;
+                if !io.is_parked() {
+                    if let Err(e) = result {
                         tracing::debug!(peer = %at.peer, "client connection ended: {e}");
                     }
                     return;
                 }
-            };
-            // None: upgraded to a tunnel, which now owns the socket.
-            let Some(parts) = std::pin::Pin::into_inner(conn).into_parts() else {
-                return;
-            };
-            io = parts.io.into_inner();
-            if !io.is_parked() {
-                if let Err(e) = result {
-                    tracing::debug!(peer = %at.peer, "client connection ended: {e}");
-                }
-                return;
-            }
-            // Parked: hyper's buffers are gone; wait for the next request with the
-            // socket alone. An empty read buffer still holds its allocation: drop it.
-            let unread = Some(parts.read_buf)
-                .filter(|b| !b.is_empty())
-                .unwrap_or_default();
-            if unread.is_empty() {
-                tokio::select! {
-                    r = tokio::time::timeout_at(io.keepalive_deadline(), io.get_ref().readable()) => {
-                        if !matches!(r, Ok(Ok(()))) {
-                            return; // keep-alive timeout, or the socket failed
-                        }
-                    }
-                    _ = at.stop.cancelled() => return,
+                // Parked: hyper's buffers are gone. Bytes it read but did not use
+                // are served first (an empty buffer still holds its allocation: dropped).
+                if !unread.is_empty() {
+                    io.unpark(unread);
                 }
             }
-            io.unpark(unread);
         }
     }
 
-    async fn serve_io<S>(
-        self: Arc<Self>,
-        stream: S,
-        tls: bool,
-        at: Accepted,
-        listener: crate::config::ListenerConfig,
-    ) where
+    async fn serve_io<S>(self: Arc<Self>, stream: S, tls: bool, at: Accepted, limits: Limits)
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(ClientIo::new(stream, activity.clone(), timeouts(&listener)));
+        let io = TokioIo::new(ClientIo::new(stream, activity.clone(), limits.timeouts));
         let cx = self.context(&at, tls, activity);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
-            .max_buf_size(proxy::head_limit(listener.max_header_bytes));
+            .max_buf_size(limits.head);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(proxy::head_limit(listener.max_header_bytes) as u32);
+            .max_header_list_size(limits.head as u32);
         let service = service_fn(move |req| proxy::serve(cx.clone(), req));
         let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
@@ -552,6 +549,8 @@ impl Worker {
     }
 }
 
+type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// An accepted connection: who, on which listener, and what ends it.
 struct Accepted {
     peer: SocketAddr,
@@ -563,10 +562,23 @@ struct Accepted {
     stop: CancellationToken,
 }
 
-fn timeouts(listener: &crate::config::ListenerConfig) -> Timeouts {
-    Timeouts {
-        keepalive: listener.keepalive_timeout,
-        header_read: listener.header_read_timeout,
+/// What a listener's configuration says about each of its connections.
+#[derive(Clone, Copy)]
+struct Limits {
+    timeouts: Timeouts,
+    /// The most bytes a request head may take.
+    head: usize,
+}
+
+impl Limits {
+    fn of(listener: &crate::config::ListenerConfig) -> Limits {
+        Limits {
+            timeouts: Timeouts {
+                keepalive: listener.keepalive_timeout,
+                header_read: listener.header_read_timeout,
+            },
+            head: proxy::head_limit(listener.max_header_bytes),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::backend::{Backend, BackendState};
 use crate::backend_tls::Connector;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
 use crate::metrics as m;
-use crate::proxy::pool::Pool;
+use crate::proxy::pool::{Pool, PoolSettings};
 use crate::router::Router;
 use crate::upstream::Upstream;
 
@@ -101,7 +101,11 @@ fn build_upstream(
     workers: usize,
     previous: Option<&Arc<Upstream>>,
 ) -> Upstream {
-    let settings = (config.connect_timeout, config.idle_timeout);
+    let settings = PoolSettings {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.idle_timeout,
+        max_idle: config.max_idle_connections,
+    };
     // A changed TLS setting means new connections; the old pools drain with the old snapshot.
     let same_tls = previous.is_some_and(|p| p.tls == config.tls);
     let backends = config
@@ -127,8 +131,7 @@ fn build_upstream(
                 _ => Arc::new(Pool::new(
                     b.addr,
                     workers,
-                    config.connect_timeout,
-                    config.idle_timeout,
+                    settings,
                     proxy_tls,
                     m::connections_opened(&config.name, &b.address),
                 )),

@@ -125,6 +125,36 @@ fn backend_connections_are_reused_across_client_connections() {
     );
 }
 
+/// Backend connections opened by a burst of `n` overlapping requests.
+fn opened_by_burst(lb: &Balancer, b: &TestBackend, n: usize) -> usize {
+    let before = b.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let addr = lb.addr;
+    let burst: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow?ms=300").status))
+        .collect();
+    for request in burst {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    b.connections.load(std::sync::atomic::Ordering::SeqCst) - before
+}
+
+#[test]
+fn a_burst_leaves_at_most_max_idle_connections_open() {
+    let b = TestBackend::start("a");
+    let capped = simple_config(&[&b]).replace("  app:\n", "  app:\n    max_idle_connections: 2\n");
+    let lb = Balancer::start(&capped);
+    assert!(opened_by_burst(&lb, &b, 8) >= 8);
+    // Only two of the eight were kept: a second burst opens the other six again.
+    assert!(opened_by_burst(&lb, &b, 8) >= 6);
+    drop(lb);
+
+    // The default keeps them all, and a second burst opens nothing.
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    assert!(opened_by_burst(&lb, &b, 8) >= 8);
+    assert_eq!(opened_by_burst(&lb, &b, 8), 0);
+}
+
 #[test]
 fn large_bodies_stream_both_ways() {
     let b = TestBackend::start("a");

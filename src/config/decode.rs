@@ -399,6 +399,9 @@ impl Decoder<'_> {
             Self::retry_budget,
         );
         let fail_open = self.optional(&mut f, "fail_open", false, Self::boolean);
+        let max_idle = self.optional(&mut f, "max_idle_connections", 64, |d, n, p| {
+            d.integer(n, p, 0, 100_000).map(|v| v as usize)
+        });
         let slow_start = self.optional(&mut f, "slow_start", None, |d, n, p| {
             d.duration(n, p).map(Some)
         });
@@ -431,6 +434,7 @@ impl Decoder<'_> {
             connect_timeout: connect?,
             response_timeout: response?,
             idle_timeout: idle?,
+            max_idle_connections: max_idle?,
             health_check: health_check?,
             passive: passive?,
             retries: retries?,
@@ -1071,7 +1075,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, passive, retries, retry_budget, slow_start, sticky, timeouts, tls)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_idle_connections, passive, retries, retry_budget, slow_start, sticky, timeouts, tls)",
             ]
         );
     }

@@ -133,6 +133,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// An unused pooled backend connection is closed after this. Default 90s.
     pub idle_timeout: Duration,
+    /// Idle keep-alive connections kept open to each backend; more are closed
+    /// when released. Default 64.
+    pub max_idle_connections: usize,
     /// Active probes; without them every backend counts as healthy.
     pub health_check: Option<HealthCheckConfig>,
     /// Ejection of backends that fail live requests.

@@ -94,10 +94,23 @@ struct Idle {
     since: Instant,
 }
 
+/// How a backend's connections are opened and kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    /// An unused connection is closed after this.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per worker; one released beyond this is closed,
+    /// so that a burst's surplus does not stay open (and hold its buffers).
+    /// Counts every worker's connections: each keeps its share.
+    pub max_idle: usize,
+}
+
 pub struct Pool {
     addr: SocketAddr,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    settings: PoolSettings,
+    /// Each worker's share of `settings.max_idle`.
+    max_idle_per_worker: usize,
     /// HTTP/1.1 connections, one list per worker.
     idle: Box<[Mutex<Vec<Idle>>]>,
     /// Each worker's HTTP/2 connection, when the backend speaks it.
@@ -124,11 +137,15 @@ impl Lease {
     pub fn release(self) {
         // An HTTP/2 connection stays in its worker's slot; this was a clone.
         if let Sender::Http1(sender) = self.sender {
-            let list = &self.pool.idle[self.home];
-            list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            let mut list = self.pool.idle[self.home]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if list.len() < self.pool.max_idle_per_worker {
+                list.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
         }
     }
 }
@@ -137,16 +154,15 @@ impl Pool {
     pub fn new(
         addr: SocketAddr,
         workers: usize,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
+        settings: PoolSettings,
         tls: Option<Connector>,
         opened: Counter,
     ) -> Self {
         let workers = workers.max(1);
         Pool {
             addr,
-            connect_timeout,
-            idle_timeout,
+            settings,
+            max_idle_per_worker: settings.max_idle.div_ceil(workers),
             idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             shared: (0..workers).map(|_| Mutex::new(None)).collect(),
             tls,
@@ -154,8 +170,8 @@ impl Pool {
         }
     }
 
-    pub fn settings(&self) -> (Duration, Duration) {
-        (self.connect_timeout, self.idle_timeout)
+    pub fn settings(&self) -> PoolSettings {
+        self.settings
     }
 
     fn home(&self) -> usize {
@@ -182,7 +198,7 @@ impl Pool {
             let mut list = self.idle[i].lock().unwrap_or_else(|e| e.into_inner());
             while let Some(idle) = list.pop() {
                 let idle_for = now.duration_since(idle.since);
-                if !idle.sender.is_closed() && idle_for < self.idle_timeout {
+                if !idle.sender.is_closed() && idle_for < self.settings.idle_timeout {
                     return Some((Sender::Http1(idle.sender), i, idle_for));
                 }
             }
@@ -206,7 +222,7 @@ impl Pool {
                 }
             }
         };
-        let sender = match tokio::time::timeout(self.connect_timeout, connecting).await {
+        let sender = match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
             Ok(r) => r?,
             Err(_) => return Err(io::ErrorKind::TimedOut.into()),
         };
@@ -266,7 +282,10 @@ impl Pool {
         loop {
             let (mut sender, home, idle_for, reused) = match self.checkout() {
                 Some((sender, home, idle_for)) => (sender, home, idle_for, true),
-                None => match self.connect().await {
+                // Boxed: connecting (a TLS handshake above all) needs far more
+                // state than a pooled exchange, and every request's future would
+                // otherwise be that large, to be allocated and copied each time.
+                None => match Box::pin(self.connect()).await {
                     Ok((sender, home)) => (sender, home, Duration::ZERO, false),
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 },
@@ -320,7 +339,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         list.retain(|idle| {
-            !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
+            !idle.sender.is_closed() && now.duration_since(idle.since) < self.settings.idle_timeout
         });
         drop(list);
         let mut slot = self.shared[self.home()]
