@@ -134,7 +134,7 @@ pub struct UpstreamConfig {
     /// An unused pooled backend connection is closed after this. Default 90s.
     pub idle_timeout: Duration,
     /// Idle keep-alive connections kept open to each backend; more are closed
-    /// when released. Default 64.
+    /// once unused for a second. Default 64.
     pub max_idle_connections: usize,
     /// Active probes; without them every backend counts as healthy.
     pub health_check: Option<HealthCheckConfig>,

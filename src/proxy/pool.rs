@@ -59,6 +59,11 @@ pub enum SendError {
 /// What goes to a backend: the client's body, or nothing for a request sent again.
 pub type OutBody = Either<Incoming, Empty<Bytes>>;
 
+/// Idle connections beyond `max_idle` unused this long are closed. Not at once:
+/// a load that comes in waves (HTTP/2 clients' batches of streams) needs its
+/// connections back a moment later, and reopening them costs far more.
+const SURPLUS_AFTER: Duration = Duration::from_secs(1);
+
 /// A connection idle this long may have been closed by the backend's keep-alive timeout.
 const STALE_AFTER: Duration = Duration::from_millis(100);
 
@@ -100,9 +105,10 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// An unused connection is closed after this.
     pub idle_timeout: Duration,
-    /// Idle connections kept per worker; one released beyond this is closed,
-    /// so that a burst's surplus does not stay open (and hold its buffers).
-    /// Counts every worker's connections: each keeps its share.
+    /// Idle connections kept for good; more are closed once unused for
+    /// `SURPLUS_AFTER`, so that a burst's surplus does not stay open (holding
+    /// its buffers) until the idle timeout. Counts every worker's connections:
+    /// each keeps its share.
     pub max_idle: usize,
 }
 
@@ -137,15 +143,11 @@ impl Lease {
     pub fn release(self) {
         // An HTTP/2 connection stays in its worker's slot; this was a clone.
         if let Sender::Http1(sender) = self.sender {
-            let mut list = self.pool.idle[self.home]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if list.len() < self.pool.max_idle_per_worker {
-                list.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
+            let list = &self.pool.idle[self.home];
+            list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -332,7 +334,8 @@ impl Pool {
         }
     }
 
-    /// Closes this worker's connections that have been idle longer than the idle timeout.
+    /// Closes this worker's connections that have been idle longer than the
+    /// idle timeout, and its surplus beyond `max_idle` (see `SURPLUS_AFTER`).
     pub fn purge_idle(&self) {
         let now = Instant::now();
         let mut list = self.idle[self.home()]
@@ -341,6 +344,13 @@ impl Pool {
         list.retain(|idle| {
             !idle.sender.is_closed() && now.duration_since(idle.since) < self.settings.idle_timeout
         });
+        // Oldest first: connections are pushed as they come back.
+        let surplus = list.len().saturating_sub(self.max_idle_per_worker);
+        let unused = list[..surplus]
+            .iter()
+            .take_while(|idle| now.duration_since(idle.since) >= SURPLUS_AFTER)
+            .count();
+        list.drain(..unused);
         drop(list);
         let mut slot = self.shared[self.home()]
             .lock()

@@ -36,6 +36,8 @@ pub struct TestBackend {
     pub name: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
     /// How `/healthz` answers: `HEALTH_OK`, `HEALTH_FAIL` (500) or `HEALTH_FLAP` (alternating).
     pub health: Arc<AtomicUsize>,
     /// Answer 500 to every request but `/healthz`.
@@ -46,6 +48,22 @@ pub struct TestBackend {
     pub probes: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Counts a backend connection as open until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn count(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl TestBackend {
@@ -89,6 +107,8 @@ impl TestBackend {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (name2, seen2, conns2) = (name.to_string(), seen.clone(), connections.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let open2 = open.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -106,7 +126,9 @@ impl TestBackend {
                         let (name, seen, behaviour) =
                             (name2.clone(), seen2.clone(), behaviour.clone());
                         let tls = tls.clone();
+                        let open = OpenConnection::count(&open2);
                         tokio::spawn(async move {
+                            let _open = open;
                             let svc = service_fn(move |req| {
                                 answer(name.clone(), seen.clone(), behaviour.clone(), req)
                             });
@@ -139,6 +161,7 @@ impl TestBackend {
             name: name.to_string(),
             seen,
             connections,
+            open,
             health,
             fail_all,
             delay_ms,
