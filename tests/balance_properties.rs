@@ -1,6 +1,7 @@
 //! Property tests of the selection algorithms (pure: no sockets).
 
 use bascule::balance::hash::hash64;
+use bascule::balance::least_connections::WINDOW;
 use bascule::balance::{LeastConnections, Ring, RoundRobin};
 use proptest::prelude::*;
 
@@ -131,15 +132,16 @@ proptest! {
         }
     }
 
+    // Exact up to WINDOW backends. Larger upstreams compare a rotating window of
+    // WINDOW of them: at most the others can be less loaded than the one picked.
     #[test]
-    fn least_connections_picks_a_minimum(loads in prop::collection::vec(0usize..20, 1..=40), weights in prop::collection::vec(1u32..=4, 40)) {
+    fn least_connections_picks_a_minimum(loads in prop::collection::vec(0usize..20, 1..=WINDOW + 8), weights in prop::collection::vec(1u32..=4, WINDOW + 8)) {
         let weights = &weights[..loads.len()];
         let lc = LeastConnections::new(weights);
         let chosen = lc.pick(|_| true, |i| loads[i]).unwrap();
         let per = |i: usize| loads[i] as f64 / f64::from(weights[i]);
-        for i in 0..loads.len() {
-            prop_assert!(per(chosen) <= per(i));
-        }
+        let lower = (0..loads.len()).filter(|&i| per(i) < per(chosen)).count();
+        prop_assert!(lower <= loads.len().saturating_sub(WINDOW), "{lower} backends less loaded");
     }
 
     #[test]
