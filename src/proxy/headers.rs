@@ -1,6 +1,6 @@
 //! Every header rewrite the proxy makes, in one place.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -25,21 +25,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             fixed = true;
         }
     }
-    if connection {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+    if let (true, Entry::Occupied(entry)) = (connection, headers.entry(header::CONNECTION)) {
+        // One lookup takes the field out and reads the names it lists.
+        let mut named = Vec::new();
+        for value in entry.remove_entry_mult().1 {
+            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
             // `close` and `keep-alive` are the usual tokens; only other tokens name fields.
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+            named.extend(
+                tokens
+                    .filter(|t| {
+                        !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+                    })
+                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+            );
+        }
         for name in named {
             headers.remove(name);
         }
-        headers.remove(header::CONNECTION);
     }
     if fixed {
         for name in [
@@ -89,19 +91,21 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// client sent as Host, port included). bascule is the edge: a client's own
 /// Proto and Host claims are replaced, not trusted.
 pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        None => client_ip.clone(),
-        Some(_) => {
+    // One lookup for the usual case, a client that sent no list of its own.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(client_ip.clone());
+        }
+        Entry::Occupied(mut entry) => {
             let mut list = Vec::new();
-            for v in headers.get_all(&X_FORWARDED_FOR) {
+            for v in entry.iter() {
                 list.extend_from_slice(v.as_bytes());
                 list.extend_from_slice(b", ");
             }
             list.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&list).unwrap_or_else(|_| client_ip.clone())
+            entry.insert(HeaderValue::from_bytes(&list).unwrap_or_else(|_| client_ip.clone()));
         }
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    }
     let proto = if tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match headers.get(header::HOST).cloned() {
