@@ -25,23 +25,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             fixed = true;
         }
     }
-    if let (true, Entry::Occupied(entry)) = (connection, headers.entry(header::CONNECTION)) {
-        // One lookup takes the field out and reads the names it lists.
-        let mut named = Vec::new();
-        for value in entry.remove_entry_mult().1 {
-            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
+    if connection {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
             // `close` and `keep-alive` are the usual tokens; only other tokens name fields.
-            named.extend(
-                tokens
-                    .filter(|t| {
-                        !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
-                    })
-                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
-            );
-        }
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
         for name in named {
             headers.remove(name);
         }
+        headers.remove(header::CONNECTION);
     }
     if fixed {
         for name in [
