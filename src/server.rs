@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -412,7 +412,10 @@ impl Worker {
                     tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
                 Some(Box::pin(async move {
                     match handshake.await {
-                        Ok(Ok(stream)) => self.serve_io(stream, true, at, limits).await,
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            self.serve_io(stream, true, h2, at, limits).await
+                        }
                         Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
                     }
@@ -423,8 +426,8 @@ impl Worker {
         }
     }
 
-    /// A connection without TLS: HTTP/2 with prior knowledge goes to hyper's
-    /// protocol detection; HTTP/1 is served with parking (`client_io.rs`), so
+    /// A connection without TLS: HTTP/2 with prior knowledge goes to `serve_io`;
+    /// HTTP/1 is served with parking (`client_io.rs`), so
     /// that an idle keep-alive connection holds only its socket.
     ///
     /// Not an async fn: an async block keeps its captures in place, where an
@@ -453,8 +456,8 @@ impl Worker {
                         _ = at.stop.cancelled() => return,
                     };
                     if h2c && first {
-                        // hyper's protocol detection serves it; boxed, as it is the rare case.
-                        let h2c = Box::pin(self.serve_io(io.into_inner(), false, at, limits));
+                        // Boxed, as it is the rare case.
+                        let h2c = Box::pin(self.serve_io(io.into_inner(), false, true, at, limits));
                         return h2c.await;
                     }
                 }
@@ -504,32 +507,39 @@ impl Worker {
         }
     }
 
-    async fn serve_io<S>(self: Arc<Self>, stream: S, tls: bool, at: Accepted, limits: Limits)
-    where
+    /// A connection served by hyper without parking: TLS (HTTP/1 or HTTP/2, as
+    /// ALPN chose) and HTTP/2 with prior knowledge.
+    async fn serve_io<S>(
+        self: Arc<Self>,
+        stream: S,
+        tls: bool,
+        h2: bool,
+        at: Accepted,
+        limits: Limits,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::default());
         let io = TokioIo::new(ClientIo::new(stream, activity.clone(), limits.timeouts));
         let cx = self.context(&at, tls, activity);
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(limits.head);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.head as u32);
-        let service = service_fn(move |req| proxy::serve(cx.clone(), req));
-        let conn = builder.serve_connection_with_upgrades(io, service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = at.stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+        let result = if h2 {
+            // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
+            // times on the way; a box moves as a pointer, the future itself is 4 KB.
+            let service = service_fn(move |req| Box::pin(proxy::serve(cx.clone(), req)));
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.head as u32)
+                .serve_connection(io, service);
+            until_stopped(conn, &at.stop, |conn| conn.graceful_shutdown()).await
+        } else {
+            let service = service_fn(move |req| proxy::serve(cx.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .max_buf_size(limits.head)
+                .serve_connection(io, service)
+                .with_upgrades();
+            until_stopped(conn, &at.stop, |conn| conn.graceful_shutdown()).await
         };
         if let Err(e) = result {
             tracing::debug!(peer = %at.peer, "client connection ended: {e}");
@@ -547,6 +557,26 @@ impl Worker {
             tunnels: at.tunnels.clone(),
             access_log: self.access_log.clone(),
         })
+    }
+}
+
+/// Runs a client connection to its end; when `stop` fires, lets it finish the
+/// requests in progress and then ends it.
+async fn until_stopped<C>(
+    conn: C,
+    stop: &CancellationToken,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output
+where
+    C: std::future::Future,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
     }
 }
 
