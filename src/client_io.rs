@@ -141,23 +141,35 @@ impl<S> ClientIo<S> {
         self.prefix = prefix;
     }
 
-    pub fn into_inner(self) -> S {
-        self.inner
+    /// For a connection found to speak HTTP/2: it is never parked.
+    pub fn without_parking(mut self) -> Self {
+        self.park = false;
+        self
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 }
 
 impl ClientIo<tokio::net::TcpStream> {
     /// Waits, parked, for the next request's first bytes (or the end of the
-    /// connection), and unparks; fails at the keep-alive deadline. Ready(true)
-    /// when those bytes may be HTTP/2's connection preface, "PRI * HTTP/2.0"
-    /// (HTTP/2 without TLS, with prior knowledge).
+    /// connection), reads what has arrived, and unparks; fails at the keep-alive
+    /// deadline. Ready(true) when those are the first bytes of the connection and
+    /// begin HTTP/2's connection preface (HTTP/2 without TLS, with prior knowledge).
+    ///
+    /// The bytes are read here, not peeked at and left for hyper: one system
+    /// call, not two, for each connection and each return from parking.
     pub fn poll_unpark(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let mut first = [0u8; 3];
-        let mut peeked = ReadBuf::new(&mut first);
-        if let Poll::Ready(r) = self.inner.poll_peek(cx, &mut peeked) {
-            let n = r?;
-            self.unpark(Bytes::new());
-            return Poll::Ready(Ok(n > 0 && b"PRI".starts_with(&first[..n])));
+        let mut storage = [std::mem::MaybeUninit::<u8>::uninit(); UNPARK_READ];
+        let mut read = ReadBuf::uninit(&mut storage);
+        if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_read(cx, &mut read) {
+            r?;
+            let got = read.filled();
+            note_arrival(&mut self.http2, &mut self.head_started, true, got);
+            let h2c = self.http2 == Some(true);
+            self.unpark(Bytes::copy_from_slice(got));
+            return Poll::Ready(Ok(h2c));
         }
         let deadline = self.keepalive_deadline();
         if self.armed != Some(deadline) {
@@ -166,6 +178,35 @@ impl ClientIo<tokio::net::TcpStream> {
         }
         ready!(self.timer.as_mut().poll(cx));
         Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+    }
+}
+
+/// What a parked connection reads before hyper takes over: a usual request head
+/// fits; hyper reads the rest of a longer one.
+const UNPARK_READ: usize = 4096;
+
+/// The first bytes of HTTP/2's connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Bytes have arrived: the first ones tell HTTP/2 from HTTP/1, and on an idle
+/// HTTP/1 connection they start a request head and its deadline.
+fn note_arrival(
+    http2: &mut Option<bool>,
+    head_started: &mut Option<Instant>,
+    idle: bool,
+    got: &[u8],
+) {
+    if got.is_empty() {
+        return;
+    }
+    let http2 = *http2.get_or_insert_with(|| {
+        // A preface cut short counts from "PRI" on, which no HTTP/1 method begins
+        // with; one or two bytes ("P", "PR") could be POST or PUT as well.
+        let n = got.len().min(H2_PREFACE.len());
+        n >= 3 && got[..n] == H2_PREFACE[..n]
+    });
+    if idle && !http2 && head_started.is_none() {
+        *head_started = Some(Instant::now());
     }
 }
 
@@ -186,21 +227,19 @@ impl<S: AsyncRead> AsyncRead for ClientIo<S> {
         }
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
+            buf.put_slice(&this.prefix[..n]);
+            // Emptied, it is dropped: an empty slice would still hold its allocation.
+            if n == this.prefix.len() {
+                *this.prefix = Bytes::new();
+            } else {
+                bytes::Buf::advance(this.prefix, n);
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         match this.inner.poll_read(cx, buf) {
             Poll::Ready(r) => {
-                let got = &buf.filled()[before..];
-                if !got.is_empty() {
-                    let http2 = *this
-                        .http2
-                        .get_or_insert_with(|| got.starts_with(b"PRI * HTTP/2.0"));
-                    if idle && !http2 && this.head_started.is_none() {
-                        *this.head_started = Some(Instant::now());
-                    }
-                }
+                note_arrival(this.http2, this.head_started, idle, &buf.filled()[before..]);
                 return Poll::Ready(r);
             }
             Poll::Pending if !idle => {

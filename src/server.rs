@@ -414,7 +414,8 @@ impl Worker {
                     match handshake.await {
                         Ok(Ok(stream)) => {
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            self.serve_io(stream, true, h2, at, limits).await
+                            let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
+                            self.serve_io(io, true, h2, at, limits).await
                         }
                         Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
@@ -445,7 +446,6 @@ impl Worker {
         // A new connection starts parked: nothing is allocated for it until bytes arrive.
         let mut io = ClientIo::new(stream, activity, limits.timeouts).parking();
         async move {
-            let mut first = true;
             loop {
                 if io.is_parked() {
                     let h2c = tokio::select! {
@@ -455,13 +455,13 @@ impl Worker {
                         },
                         _ = at.stop.cancelled() => return,
                     };
-                    if h2c && first {
+                    if h2c {
                         // Boxed, as it is the rare case.
-                        let h2c = Box::pin(self.serve_io(io.into_inner(), false, true, at, limits));
+                        let h2c =
+                            Box::pin(self.serve_io(io.without_parking(), false, true, at, limits));
                         return h2c.await;
                     }
                 }
-                first = false;
                 // Boxed: it lives only while a request is in progress, not while parked.
                 let mut conn = Box::pin(
                     hyper::server::conn::http1::Builder::new()
@@ -511,7 +511,7 @@ impl Worker {
     /// ALPN chose) and HTTP/2 with prior knowledge.
     async fn serve_io<S>(
         self: Arc<Self>,
-        stream: S,
+        io: ClientIo<S>,
         tls: bool,
         h2: bool,
         at: Accepted,
@@ -519,9 +519,8 @@ impl Worker {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(ClientIo::new(stream, activity.clone(), limits.timeouts));
-        let cx = self.context(&at, tls, activity);
+        let cx = self.context(&at, tls, io.activity().clone());
+        let io = TokioIo::new(io);
         let result = if h2 {
             // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
             // times on the way; a box moves as a pointer, the future itself is 4 KB.
