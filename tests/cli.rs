@@ -143,6 +143,42 @@ fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
 }
 
+/// HTTP/2 streams are served by their own connection type (h2c here, h2 over
+/// TLS alike). On SIGTERM the stream in flight finishes, and the connection is
+/// told to go away (GOAWAY): the client keeps it open, yet the process exits
+/// well before `shutdown_timeout` would cut it.
+#[test]
+fn sigterm_lets_an_http2_stream_finish_and_closes_its_connection() {
+    let b = TestBackend::start("a");
+    let yaml = simple_config(&[&b]) + "shutdown_timeout: 60s\n";
+    let mut p = Process::start(&yaml);
+    let addr = p.addrs[0];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let in_flight = rt.spawn(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut send = h2_client(stream).await;
+        let req = http::Request::get("http://x/slow?ms=1500")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status();
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        // Returned, so that the client's side of the connection stays open.
+        (status, body, send)
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the backend to get the request",
+        || !b.requests().is_empty(),
+    );
+    p.signal(SIGTERM);
+    let (status, body, _send) = rt.block_on(in_flight).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"a");
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+}
+
 #[test]
 fn sigterm_waits_for_open_tunnels_up_to_shutdown_timeout() {
     let b = TestBackend::start("a");
