@@ -408,18 +408,23 @@ impl Worker {
             (None, _) => Some(Box::pin(self.serve_plain(stream, at, limits))),
             (Some(tls), Some(acceptor)) => {
                 // The handshake runs in the connection's task, never in the accept loop.
-                let handshake =
-                    tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
+                // Boxed, and the stream moved straight on, so that the task does not
+                // keep room for the handshake and the stream after they are done.
+                let handshake = Box::pin(tokio::time::timeout(
+                    tls.handshake_timeout,
+                    acceptor.accept(stream),
+                ));
                 Some(Box::pin(async move {
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
-                            self.serve_io(io, true, h2, at, limits).await
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            return tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}")
                         }
-                        Ok(Err(e)) => tracing::debug!(peer = %at.peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(peer = %at.peer, "TLS handshake timed out"),
-                    }
+                        Err(_) => {
+                            return tracing::debug!(peer = %at.peer, "TLS handshake timed out")
+                        }
+                    };
+                    self.serve_tls(stream, at, limits).await
                 }))
             }
             // A TLS listener whose configuration could not be built serves nothing in clear.
@@ -456,10 +461,9 @@ impl Worker {
                         _ = at.stop.cancelled() => return,
                     };
                     if h2c {
-                        // Boxed, as it is the rare case.
-                        let h2c =
-                            Box::pin(self.serve_io(io.without_parking(), false, true, at, limits));
-                        return h2c.await;
+                        return self
+                            .serve_io(io.without_parking(), false, true, at, limits)
+                            .await;
                     }
                 }
                 // Boxed: it lives only while a request is in progress, not while parked.
@@ -507,21 +511,38 @@ impl Worker {
         }
     }
 
+    /// A TLS connection, its handshake done: HTTP/2 if ALPN chose it, else HTTP/1.1.
+    fn serve_tls(
+        &self,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        at: Accepted,
+        limits: Limits,
+    ) -> ConnectionTask {
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
+        self.serve_io(io, true, h2, at, limits)
+    }
+
     /// A connection served by hyper without parking: TLS (HTTP/1 or HTTP/2, as
     /// ALPN chose) and HTTP/2 with prior knowledge.
-    async fn serve_io<S>(
-        self: Arc<Self>,
+    ///
+    /// Not an async fn, and the hyper connection is boxed: the connection holds
+    /// the socket wrapper (with TLS, over a kilobyte), and an async fn would keep
+    /// the wrapper in its arguments as well as in the connection.
+    fn serve_io<S>(
+        &self,
         io: ClientIo<S>,
         tls: bool,
         h2: bool,
         at: Accepted,
         limits: Limits,
-    ) where
+    ) -> ConnectionTask
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let cx = self.context(&at, tls, io.activity().clone());
         let io = TokioIo::new(io);
-        let result = if h2 {
+        if h2 {
             // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
             // times on the way; a box moves as a pointer, the future itself is 4 KB.
             let service = service_fn(move |req| Box::pin(proxy::serve(cx.clone(), req)));
@@ -529,7 +550,9 @@ impl Worker {
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.head as u32)
                 .serve_connection(io, service);
-            until_stopped(conn, &at.stop, |conn| conn.graceful_shutdown()).await
+            Box::pin(until_stopped(Box::pin(conn), at, |conn| {
+                conn.graceful_shutdown()
+            }))
         } else {
             let service = service_fn(move |req| proxy::serve(cx.clone(), req));
             let conn = http1::Builder::new()
@@ -538,10 +561,9 @@ impl Worker {
                 .max_buf_size(limits.head)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_stopped(conn, &at.stop, |conn| conn.graceful_shutdown()).await
-        };
-        if let Err(e) = result {
-            tracing::debug!(peer = %at.peer, "client connection ended: {e}");
+            Box::pin(until_stopped(Box::pin(conn), at, |conn| {
+                conn.graceful_shutdown()
+            }))
         }
     }
 
@@ -559,23 +581,24 @@ impl Worker {
     }
 }
 
-/// Runs a client connection to its end; when `stop` fires, lets it finish the
-/// requests in progress and then ends it.
+/// Runs a client connection to its end; when the listener stops, lets it
+/// finish the requests in progress and then ends it.
 async fn until_stopped<C>(
-    conn: C,
-    stop: &CancellationToken,
+    mut conn: std::pin::Pin<Box<C>>,
+    at: Accepted,
     graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
-) -> C::Output
-where
-    C: std::future::Future,
+) where
+    C: std::future::Future<Output = hyper::Result<()>>,
 {
-    tokio::pin!(conn);
-    tokio::select! {
+    let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
+        _ = at.stop.cancelled() => {
             graceful_shutdown(conn.as_mut());
             conn.await
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %at.peer, "client connection ended: {e}");
     }
 }
 
