@@ -572,7 +572,7 @@ impl Worker {
             state: self.state.clone(),
             listener: at.key,
             peer: at.peer,
-            client_ip: ConnContext::client_ip_header(at.peer),
+            client_ip: proxy::headers::client_ip_value(at.peer.ip()),
             tls,
             activity,
             tunnels: at.tunnels.clone(),

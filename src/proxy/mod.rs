@@ -47,13 +47,6 @@ pub struct ConnContext {
     pub access_log: Option<AccessLogger>,
 }
 
-impl ConnContext {
-    pub fn client_ip_header(peer: SocketAddr) -> HeaderValue {
-        HeaderValue::from_str(&peer.ip().to_string())
-            .expect("an IP address is a valid header value")
-    }
-}
-
 /// Serves one request. Never fails: every failure becomes a reply with a status.
 pub async fn serve(
     cx: Arc<ConnContext>,
