@@ -8,27 +8,10 @@ use bascule::{config, Server};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+mod allocator;
+
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` in mimalloc.h's option list (libmimalloc-sys names
-/// only some of the options).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc gives emptied pages back to the system after a delay, 1 s by
-/// default. After a burst, pages freed by finished requests then stay resident
-/// beside the connections that went idle. Measured with idle_memory.py at 8 000
-/// connections: 3.5 to 3.8 KiB per idle connection by default, 2.7 to 2.9 at
-/// 100 ms (2.5 to 2.7 at 0), for 0.7 `madvise` calls per 1 000 keep-alive
-/// requests under load (0.2 by default, 29 at 0). `MIMALLOC_PURGE_DELAY` still
-/// overrides it.
-fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a documented option to a valid value; mimalloc reads it
-        // at its next purge.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
-    }
-}
+static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 /// An L7 HTTP load balancer configured by one YAML file.
 ///
@@ -59,7 +42,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    allocator::tune();
     let cli = Cli::parse();
     match (cli.command, cli.config) {
         (Some(Command::Check { config, against }), _) => check(&config, against.as_deref()),
