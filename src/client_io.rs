@@ -9,14 +9,15 @@
 //! The proxy marks a request in progress with `Activity::begin`; the returned
 //! guard rides with the response body, so "idle" starts when the response ends.
 //!
-//! Parking (plain HTTP/1 connections, see `server.rs`): an idle connection should
-//! hold no buffers while it waits for its next request, but hyper keeps its read
-//! and write buffers for a connection's whole life. So, when hyper asks for the
-//! next request and none has begun to arrive, and everything written has been
-//! flushed, the wrapper answers end-of-file: hyper ends the connection cleanly
-//! (without shutting the socket down, which is skipped while parked) and hands the
-//! socket back. The server then waits for readability with nothing but the socket,
-//! and starts a new hyper connection on it when bytes arrive. Bytes hyper had read
+//! Parking (HTTP/1 connections, plain or TLS; see `server.rs`): an idle
+//! connection should hold no buffers while it waits for its next request, but
+//! hyper keeps its read and write buffers for a connection's whole life. So,
+//! when hyper asks for the next request and none has begun to arrive, and
+//! everything written has been flushed, the wrapper answers end-of-file: hyper
+//! ends the connection cleanly (without shutting the socket down, which is
+//! skipped while parked) and hands the socket back. The server then waits for
+//! readability with nothing but the socket (and, over TLS, the session), and
+//! starts a new hyper connection on it when bytes arrive. Bytes hyper had read
 //! but not used come back as `prefix` and are read first.
 
 use std::future::Future;
@@ -152,7 +153,7 @@ impl<S> ClientIo<S> {
     }
 }
 
-impl ClientIo<tokio::net::TcpStream> {
+impl<S: AsyncRead + Unpin> ClientIo<S> {
     /// Waits, parked, for the next request's first bytes (or the end of the
     /// connection), reads what has arrived, and unparks; fails at the keep-alive
     /// deadline. Ready(true) when those are the first bytes of the connection and

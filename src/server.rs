@@ -405,7 +405,10 @@ impl Worker {
         let routes = snapshot.listener(at.key)?;
         let limits = Limits::of(&routes.config);
         match (&routes.config.tls, &routes.tls) {
-            (None, _) => Some(Box::pin(self.serve_plain(stream, at, limits))),
+            (None, _) => {
+                let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
+                Some(Box::pin(self.serve_http1(io, false, at, limits)))
+            }
             (Some(tls), Some(acceptor)) => {
                 // The handshake runs in the connection's task, never in the accept loop.
                 // Boxed, and the stream moved straight on, so that the task does not
@@ -432,24 +435,29 @@ impl Worker {
         }
     }
 
-    /// A connection without TLS: HTTP/2 with prior knowledge goes to `serve_io`;
-    /// HTTP/1 is served with parking (`client_io.rs`), so
-    /// that an idle keep-alive connection holds only its socket.
+    /// HTTP/1, plain or over TLS, served with parking (`client_io.rs`), so that
+    /// an idle keep-alive connection holds only its socket (and, with TLS, the
+    /// session). Without TLS, a connection whose first bytes are HTTP/2's
+    /// preface (prior knowledge) goes to `serve_http2`; over TLS, ALPN decided
+    /// before this, and a client without ALPN gets HTTP/1.1.
     ///
     /// Not an async fn: an async block keeps its captures in place, where an
     /// async fn would also keep a moved-from copy of every argument, and this
     /// future is most of what an idle connection costs.
-    fn serve_plain(
+    fn serve_http1<S>(
         self: Arc<Self>,
-        stream: TcpStream,
+        io: ClientIo<S>,
+        tls: bool,
         at: Accepted,
         limits: Limits,
-    ) -> impl std::future::Future<Output = ()> + Send {
-        let activity = Arc::new(Activity::default());
-        let cx = self.context(&at, false, activity.clone());
+    ) -> impl std::future::Future<Output = ()> + Send
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let cx = self.context(&at, tls, io.activity().clone());
         let service = service_fn(move |req| proxy::serve(cx.clone(), req));
-        // A new connection starts parked: nothing is allocated for it until bytes arrive.
-        let mut io = ClientIo::new(stream, activity, limits.timeouts).parking();
+        // It starts parked: nothing is allocated for it until bytes arrive.
+        let mut io = io.parking();
         async move {
             loop {
                 if io.is_parked() {
@@ -460,15 +468,15 @@ impl Worker {
                         },
                         _ = at.stop.cancelled() => return,
                     };
-                    if h2c {
+                    if h2c && !tls {
                         return self
-                            .serve_io(io.without_parking(), false, true, at, limits)
+                            .serve_http2(io.without_parking(), false, at, limits)
                             .await;
                     }
                 }
                 // Boxed: it lives only while a request is in progress, not while parked.
                 let mut conn = Box::pin(
-                    hyper::server::conn::http1::Builder::new()
+                    http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(None)
                         .max_buf_size(limits.head)
@@ -513,27 +521,30 @@ impl Worker {
 
     /// A TLS connection, its handshake done: HTTP/2 if ALPN chose it, else HTTP/1.1.
     fn serve_tls(
-        &self,
+        self: Arc<Self>,
         stream: tokio_rustls::server::TlsStream<TcpStream>,
         at: Accepted,
         limits: Limits,
     ) -> ConnectionTask {
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
-        self.serve_io(io, true, h2, at, limits)
+        if h2 {
+            self.serve_http2(io, true, at, limits)
+        } else {
+            Box::pin(self.serve_http1(io, true, at, limits))
+        }
     }
 
-    /// A connection served by hyper without parking: TLS (HTTP/1 or HTTP/2, as
-    /// ALPN chose) and HTTP/2 with prior knowledge.
+    /// HTTP/2, over TLS (ALPN chose it) or with prior knowledge. Not parked:
+    /// hyper's HTTP/2 connection cannot be taken apart between requests.
     ///
     /// Not an async fn, and the hyper connection is boxed: the connection holds
     /// the socket wrapper (with TLS, over a kilobyte), and an async fn would keep
     /// the wrapper in its arguments as well as in the connection.
-    fn serve_io<S>(
+    fn serve_http2<S>(
         &self,
         io: ClientIo<S>,
         tls: bool,
-        h2: bool,
         at: Accepted,
         limits: Limits,
     ) -> ConnectionTask
@@ -541,30 +552,16 @@ impl Worker {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let cx = self.context(&at, tls, io.activity().clone());
-        let io = TokioIo::new(io);
-        if h2 {
-            // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
-            // times on the way; a box moves as a pointer, the future itself is 4 KB.
-            let service = service_fn(move |req| Box::pin(proxy::serve(cx.clone(), req)));
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(limits.head as u32)
-                .serve_connection(io, service);
-            Box::pin(until_stopped(Box::pin(conn), at, |conn| {
-                conn.graceful_shutdown()
-            }))
-        } else {
-            let service = service_fn(move |req| proxy::serve(cx.clone(), req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(limits.head)
-                .serve_connection(io, service)
-                .with_upgrades();
-            Box::pin(until_stopped(Box::pin(conn), at, |conn| {
-                conn.graceful_shutdown()
-            }))
-        }
+        // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
+        // times on the way; a box moves as a pointer, the future itself is 4 KB.
+        let service = service_fn(move |req| Box::pin(proxy::serve(cx.clone(), req)));
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.head as u32)
+            .serve_connection(TokioIo::new(io), service);
+        Box::pin(until_stopped(Box::pin(conn), at, |conn| {
+            conn.graceful_shutdown()
+        }))
     }
 
     fn context(&self, at: &Accepted, tls: bool, activity: Arc<Activity>) -> Arc<ConnContext> {

@@ -346,3 +346,60 @@ async fn clients_resume_sessions_across_a_reload() {
     );
     stop(lb).await;
 }
+
+/// Reads from `tls` until `n` replies with the test backend's one-byte body have come.
+async fn read_replies<S: tokio::io::AsyncRead + Unpin>(tls: &mut S, n: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.windows(5).filter(|w| w == b"\r\n\r\na").count() < n {
+        let read = tls.read(&mut buf).await.unwrap();
+        assert!(read > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..read]);
+    }
+    got
+}
+
+/// Idle TLS keep-alive connections give hyper's buffers back between requests,
+/// as plain ones do (server.rs parks both): 1 000 of them, each after one
+/// request, hold the TLS session but not the 20-odd KiB hyper keeps for a
+/// connection it serves. Parked, they serve again, pipelined requests included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_keep_alive_connections_hold_no_buffers() {
+    use tokio::io::AsyncWriteExt;
+    let b = TestBackend::start("a");
+    let (_certs, yaml) = tls_config(&b);
+    let p = tokio::task::spawn_blocking(move || Process::start(&yaml))
+        .await
+        .unwrap();
+    let addr = p.addrs[0];
+    let request = b"GET / HTTP/1.1\r\nHost: default.example.test\r\n\r\n";
+    for _ in 0..20 {
+        let (_, _, mut tls) = handshake(addr, "default.example.test", &[b"http/1.1"]).await;
+        tls.write_all(request).await.unwrap();
+        read_replies(&mut tls, 1).await;
+    }
+    let baseline = p.rss_kib();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let (_, _, mut tls) = handshake(addr, "default.example.test", &[b"http/1.1"]).await;
+        tls.write_all(request).await.unwrap();
+        assert!(read_replies(&mut tls, 1).await.starts_with(b"HTTP/1.1 200"));
+        idle.push(tls);
+    }
+    // Parking starts a few milliseconds into the idle wait.
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "idle connections to give their buffers back",
+        || p.rss_kib().saturating_sub(baseline) / 1000 <= 20,
+    );
+    let per_conn = p.rss_kib().saturating_sub(baseline) / 1000;
+    eprintln!("{per_conn} KiB per idle TLS connection");
+    for tls in idle.iter_mut().take(50) {
+        let mut two = request.to_vec();
+        two.extend_from_slice(request);
+        tls.write_all(&two).await.unwrap();
+        let got = read_replies(tls, 2).await;
+        assert_eq!(got.windows(12).filter(|w| w == b"HTTP/1.1 200").count(), 2);
+    }
+}
