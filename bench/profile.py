@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Reproduces the README's profiling figures that compare.py does not give.
+
+  instructions LOAD   user-space instructions per request under callgrind, LOAD one of
+                      keepalive, close, tls (HTTP/1 over TLS) or h2 (HTTP/2 over TLS)
+  cpu-split           user and system CPU per request, bascule and NGINX alternately
+                      (add --close for a new connection per request)
+  idle-tls            RSS per idle TLS keep-alive connection
+
+Run from the project root after `cargo build --release`. Needs nginx-light, wrk, nghttp2-client
+(h2load), valgrind and openssl (Debian packages). The balancer runs on core 0; the three NGINX
+backends and the load on core 1, as in compare.py. Ports 18080, 18081, 18443 and 19001-19003
+must be free.
+"""
+import argparse
+import asyncio
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+BASCULE = os.path.abspath("target/release/bascule")
+PLAIN, NGINX_LB, TLS = 18080, 18081, 18443
+BACKENDS = (19001, 19002, 19003)
+
+
+def nginx_head(d, name):
+    return (f"daemon off;\nmaster_process on;\nworker_processes 1;\n"
+            f"error_log {d}/{name}.err warn;\npid {d}/{name}.pid;\n"
+            f"events {{ worker_connections 16384; }}\n")
+
+
+def write_configs(d):
+    servers = "".join(f"""
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{ add_header X-Backend {i}; return 200 "backend {i}\\n"; }}
+  }}""" for i, port in enumerate(BACKENDS, 1))
+    open(f"{d}/backends.conf", "w").write(nginx_head(d, "backends") + f"""http {{
+  access_log off;
+  default_type text/plain;
+  client_body_temp_path {d}/backends-body;
+{servers}
+}}
+""")
+    upstream = "".join(f"    server 127.0.0.1:{p};\n" for p in BACKENDS)
+    open(f"{d}/nginx-lb.conf", "w").write(nginx_head(d, "nginx-lb") + f"""http {{
+  access_log off;
+  client_body_temp_path {d}/lb-body;
+  proxy_temp_path {d}/lb-proxy;
+  upstream app {{
+{upstream}    keepalive 256;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{NGINX_LB} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem", "-days", "2",
+                    "-subj", "/CN=localhost"], check=True, capture_output=True)
+    backends = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
+    open(f"{d}/bascule.yaml", "w").write(f"""listeners:
+  - bind: 127.0.0.1:{PLAIN}
+    routes:
+      - upstream: app
+  - bind: 127.0.0.1:{TLS}
+    tls:
+      certificates:
+        - cert: {d}/cert.pem
+          key: {d}/key.pem
+    routes:
+      - upstream: app
+upstreams:
+  app:
+    balance: round_robin
+    backends:
+{backends}""")
+
+
+def start(cmd, cpu):
+    return subprocess.Popen(["taskset", "-c", str(cpu)] + cmd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(url):
+    ctx = ssl._create_unverified_context()
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1, context=ctx).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    sys.exit(f"nothing answered at {url}")
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
+def wrk(url, seconds, close):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", url]
+    if close:
+        cmd[-1:-1] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def callgrind_total(path):
+    out = subprocess.run(["callgrind_annotate", path], capture_output=True, text=True).stdout
+    return int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", out).group(1).replace(",", ""))
+
+
+def instructions(d, load, n):
+    # Outside the temporary directory, so that it stays for callgrind_annotate.
+    out = f"/tmp/bascule-callgrind-{load}.out"
+    for old in (out, f"{out}.1"):
+        if os.path.exists(old):
+            os.remove(old)
+    vg = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no",
+                BASCULE, "-c", f"{d}/bascule.yaml"], 0)
+    url = f"https://127.0.0.1:{TLS}/" if load in ("tls", "h2") else f"http://127.0.0.1:{PLAIN}/"
+    wait_for(url)
+    h2load = {"keepalive": ["h2load", "--h1", "-c", "16"], "tls": ["h2load", "--h1", "-c", "16"],
+              "h2": ["h2load", "-c", "16", "-m", "10"]}
+
+    def run_load(count):
+        if load == "close":
+            seconds = max(1, count // 1000)
+            return wrk(url, seconds, True)
+        subprocess.run(["taskset", "-c", "1"] + h2load[load] + ["-n", str(count), url],
+                       check=True, capture_output=True)
+        return count
+
+    run_load(2000)  # warm-up: pools filled, nothing lazy left
+    subprocess.run(["callgrind_control", "-i", "on", str(vg.pid)], check=True, capture_output=True)
+    sent = run_load(n)
+    subprocess.run(["callgrind_control", "-i", "off", str(vg.pid)], check=True, capture_output=True)
+    subprocess.run(["callgrind_control", "-d", str(vg.pid)], check=True, capture_output=True)
+    vg.send_signal(signal.SIGTERM)
+    vg.wait()
+    total = callgrind_total(f"{out}.1")
+    print(f"{load}: {total / sent:.0f} instructions per request ({sent} requests; "
+          f"callgrind_annotate {out}.1 for the breakdown)")
+
+
+def cpu_split(d, close, rounds, seconds):
+    lb = start([BASCULE, "-c", f"{d}/bascule.yaml"], 0)
+    ngx = start(["nginx", "-p", d, "-c", f"{d}/nginx-lb.conf"], 0)
+    try:
+        wait_for(f"http://127.0.0.1:{PLAIN}/")
+        wait_for(f"http://127.0.0.1:{NGINX_LB}/")
+        workers = subprocess.run(["pgrep", "-P", str(ngx.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        peers = [("bascule", lb.pid, PLAIN), ("nginx", int(workers[0]), NGINX_LB)]
+        for r in range(1, rounds + 1):
+            for name, pid, port in peers:
+                u0, s0 = cpu_seconds(pid)
+                n = wrk(f"http://127.0.0.1:{port}/", seconds, close)
+                u1, s1 = cpu_seconds(pid)
+                print(f"round {r} {name:8} {n / seconds:8.0f} rps  user {(u1 - u0) * 1e6 / n:5.1f} us/req"
+                      f"  system {(s1 - s0) * 1e6 / n:5.1f} us/req")
+    finally:
+        lb.terminate()
+        ngx.terminate()
+        lb.wait()
+        ngx.wait()
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+
+
+async def idle_tls(d, conns):
+    lb = start([BASCULE, "-c", f"{d}/bascule.yaml"], 0)
+    try:
+        wait_for(f"https://127.0.0.1:{TLS}/")
+        ctx = ssl._create_unverified_context()
+        ctx.set_alpn_protocols(["http/1.1"])
+
+        async def one(keep):
+            r, w = await asyncio.open_connection("127.0.0.1", TLS, ssl=ctx, server_hostname="localhost")
+            w.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            await r.readexactly(length)
+            keep.append(w)
+
+        await one([])
+        time.sleep(1.5)
+        before = rss_kib(lb.pid)
+        keep = []
+        for _ in range(0, conns, 200):
+            await asyncio.gather(*[one(keep) for _ in range(200)])
+        time.sleep(2.5)  # connections park 5 ms into their idle wait; freed pages go back after 100 ms
+        after = rss_kib(lb.pid)
+        print(f"{len(keep)} idle TLS connections: RSS {before} -> {after} KiB, "
+              f"{(after - before) / len(keep):.1f} KiB each")
+    finally:
+        lb.kill()
+        lb.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    ins = sub.add_parser("instructions")
+    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2"])
+    ins.add_argument("--requests", type=int, default=20000,
+                     help="requests measured (close: a thousand per second of wrk)")
+    split = sub.add_parser("cpu-split")
+    split.add_argument("--close", action="store_true")
+    split.add_argument("--rounds", type=int, default=3)
+    split.add_argument("--seconds", type=int, default=8)
+    idle = sub.add_parser("idle-tls")
+    idle.add_argument("--conns", type=int, default=3000)
+    args = ap.parse_args()
+    if not os.path.exists(BASCULE):
+        sys.exit("build first: cargo build --release")
+
+    with tempfile.TemporaryDirectory(prefix="bascule-profile-") as d:
+        os.chmod(d, 0o755)
+        write_configs(d)
+        backends = start(["nginx", "-p", d, "-c", f"{d}/backends.conf"], 1)
+        try:
+            if args.what == "instructions":
+                instructions(d, args.load, args.requests)
+            elif args.what == "cpu-split":
+                cpu_split(d, args.close, args.rounds, args.seconds)
+            else:
+                asyncio.run(idle_tls(d, args.conns))
+        finally:
+            backends.terminate()
+            backends.wait()
+
+
+if __name__ == "__main__":
+    main()
