@@ -4,7 +4,6 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
 
 use libmimalloc_sys as mi;
-use mimalloc::MiMalloc;
 
 /// Every mimalloc block is aligned to at least a word: its size classes are
 /// whole words and its pages start aligned.
@@ -12,25 +11,26 @@ const WORD: usize = std::mem::size_of::<usize>();
 
 /// mimalloc, with its plain entry points for requests no stricter than a word.
 ///
-/// The `mimalloc` crate sends every request through the aligned entry points.
-/// mimalloc 3 serves an aligned request outside its small-block fast path
-/// (over 1 KiB, or when that size's free list needs refilling) by
+/// The `mimalloc` crate's allocator sends every request through the aligned
+/// entry points. mimalloc 3 serves an aligned request outside its small-block
+/// fast path (over 1 KiB, or when that size's free list needs refilling) by
 /// over-allocating and adjusting, even for an alignment every block has anyway.
 /// Under a connection per request that cost about 1 000 instructions per
-/// request. Stricter alignments (tokio's cache-padded state) still go through
-/// the `mimalloc` crate.
+/// request. Stricter alignments (tokio's cache-padded state) take the aligned
+/// entry points.
 pub struct Allocator;
 
 // SAFETY: each method hands the request to mimalloc, through an entry point
 // that honours the layout's alignment: the plain ones only when a word is
-// enough, which every mimalloc block has. Blocks from either kind are freed
-// and resized by the same allocator.
+// enough, which every mimalloc block has, the aligned ones otherwise. A block
+// is resized through the same kind of entry point that made it (the layout's
+// alignment decides both), and every block is freed by `mi_free`.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= WORD {
             mi::mi_malloc(layout.size()).cast()
         } else {
-            MiMalloc.alloc(layout)
+            mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
         }
     }
 
@@ -38,7 +38,7 @@ unsafe impl GlobalAlloc for Allocator {
         if layout.align() <= WORD {
             mi::mi_zalloc(layout.size()).cast()
         } else {
-            MiMalloc.alloc_zeroed(layout)
+            mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
         }
     }
 
@@ -50,7 +50,7 @@ unsafe impl GlobalAlloc for Allocator {
         if layout.align() <= WORD {
             mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
         } else {
-            MiMalloc.realloc(ptr, layout, new_size)
+            mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()
         }
     }
 }
