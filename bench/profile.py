@@ -2,7 +2,8 @@
 """Reproduces the README's profiling figures that compare.py does not give.
 
   instructions LOAD   user-space instructions per request under callgrind, LOAD one of
-                      keepalive, close, tls (HTTP/1 over TLS) or h2 (HTTP/2 over TLS)
+                      keepalive, close, tls (HTTP/1 over TLS), h2 (HTTP/2 over TLS) or
+                      handshake (a new TLS connection per request, as wrk resumes them)
   cpu-split           user and system CPU per request, bascule and NGINX alternately
                       (add --close for a new connection per request)
   idle-tls            RSS per idle TLS keep-alive connection
@@ -130,13 +131,13 @@ def instructions(d, load, n):
             os.remove(old)
     vg = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no",
                 BASCULE, "-c", f"{d}/bascule.yaml"], 0)
-    url = f"https://127.0.0.1:{TLS}/" if load in ("tls", "h2") else f"http://127.0.0.1:{PLAIN}/"
+    url = f"https://127.0.0.1:{TLS}/" if load in ("tls", "h2", "handshake") else f"http://127.0.0.1:{PLAIN}/"
     wait_for(url)
     h2load = {"keepalive": ["h2load", "--h1", "-c", "16"], "tls": ["h2load", "--h1", "-c", "16"],
               "h2": ["h2load", "-c", "16", "-m", "10"]}
 
     def run_load(count):
-        if load == "close":
+        if load in ("close", "handshake"):
             seconds = max(1, count // 1000)
             return wrk(url, seconds, True)
         subprocess.run(["taskset", "-c", "1"] + h2load[load] + ["-n", str(count), url],
@@ -219,7 +220,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     ins = sub.add_parser("instructions")
-    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2"])
+    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake"])
     ins.add_argument("--requests", type=int, default=20000,
                      help="requests measured (close: a thousand per second of wrk)")
     split = sub.add_parser("cpu-split")
