@@ -296,3 +296,101 @@ fn idle_pooled_connection_closed_by_the_backend_costs_no_get() {
     s.read_to_end(&mut out).unwrap();
     assert_eq!(parse_reply(&out).status, 502);
 }
+
+/// A backend that answers each request as its path says, in every framing
+/// HTTP/1.1 allows, and counts the connections it accepted.
+fn scripted_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut s = s;
+                loop {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&got)
+                        .lines()
+                        .next()
+                        .unwrap()
+                        .to_owned();
+                    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                    // Each part in its own write, so that the proxy meets them in separate reads.
+                    let parts: &[&[u8]] = match path.as_str() {
+                        "/chunked" => &[
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+                            b"lo\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n",
+                            b"\r\n",
+                        ],
+                        "/interim" => &[
+                            b"HTTP/1.1 100 Continue\r\n\r\n",
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n",
+                            b"Content-Length: 7\r\n\r\ninterim",
+                        ],
+                        "/head" => &[b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"],
+                        "/no-content" => &[b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"],
+                        "/until-close" => &[b"HTTP/1.1 200 OK\r\n\r\nto the ", b"end"],
+                        "/http10" => &[b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!"],
+                        "/bad-length" => &[b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello"],
+                        _ => &[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+                    };
+                    for part in parts {
+                        if s.write_all(part).is_err() {
+                            return;
+                        }
+                        let _ = s.flush();
+                    }
+                    if matches!(path.as_str(), "/until-close" | "/http10" | "/bad-length") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_they_allow() {
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = scripted_backend();
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: app }}]\nupstreams:\n  app:\n    backends: [{addr}]\n    retries: 0\nworkers: 1\n"
+    );
+    let lb = Balancer::start(&yaml);
+    let reply = |method: &str, path: &str| {
+        let r = http1(lb.addr, method, path, &[]);
+        (r.status, r.body)
+    };
+    // Each of these leaves the connection fit for the next: one connection for all.
+    assert_eq!(reply("GET", "/chunked"), (200, "hello world".into()));
+    assert_eq!(reply("GET", "/interim"), (200, "interim".into()));
+    assert_eq!(reply("HEAD", "/head"), (200, String::new()));
+    assert_eq!(reply("GET", "/no-content"), (204, String::new()));
+    assert_eq!(reply("GET", "/chunked"), (200, "hello world".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "connection reused");
+    // A body that runs to the connection's end, and HTTP/1.0: not reused.
+    assert_eq!(reply("GET", "/until-close"), (200, "to the end".into()));
+    assert_eq!(reply("GET", "/"), (200, "ok".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(reply("GET", "/http10"), (200, "old!".into()));
+    assert_eq!(reply("GET", "/"), (200, "ok".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // Conflicting lengths cannot be framed: 502, and the connection is not kept.
+    assert_eq!(reply("GET", "/bad-length").0, 502);
+    assert_eq!(reply("GET", "/"), (200, "ok".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}

@@ -6,17 +6,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-
-use super::pool::Lease;
+use super::pool::BackendBody;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Busy;
 use crate::metrics::{self as m, RequestCounters};
 use crate::upstream::Upstream;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,8 +29,6 @@ pub struct Exchange {
     /// Index of the backend in `upstream.backends`.
     pub backend: Option<usize>,
     pub in_flight: Option<InFlight>,
-    /// The backend connection, given back to its pool when the response body has ended.
-    pub lease: Option<Lease>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
     _busy: Busy,
 }
@@ -46,17 +42,8 @@ impl Exchange {
             upstream: None,
             backend: None,
             in_flight: None,
-            lease: None,
             log,
             _busy: busy,
-        }
-    }
-
-    /// The backend's response body has been read to its end: its connection can
-    /// serve another request.
-    fn release_connection(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
         }
     }
 
@@ -91,17 +78,13 @@ pin_project_lite::pin_project! {
     /// A backend's body passed through, or a reply bascule made, with the exchange record.
     pub struct ProxyBody {
         #[pin]
-        inner: http_body_util::Either<Incoming, Full<Bytes>>,
+        inner: http_body_util::Either<BackendBody, Full<Bytes>>,
         exchange: Option<Exchange>,
     }
 }
 
 impl ProxyBody {
-    pub fn backend(body: Incoming, mut exchange: Exchange) -> Self {
-        if body.is_end_stream() {
-            // No body to wait for (204, HEAD, Content-Length: 0): the connection is free now.
-            exchange.release_connection();
-        }
+    pub fn backend(body: BackendBody, exchange: Exchange) -> Self {
         ProxyBody {
             inner: http_body_util::Either::Left(body),
             exchange: Some(exchange),
@@ -125,25 +108,16 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let mut inner = this.inner;
-        let Poll::Ready(polled) = inner.as_mut().poll_frame(cx) else {
+        let Poll::Ready(polled) = this.inner.poll_frame(cx) else {
             return Poll::Pending;
         };
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(ex) = this.exchange.as_mut() {
                     ex.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    // hyper stops polling once the body says it has ended.
-                    if inner.is_end_stream() {
-                        ex.release_connection();
-                    }
                 }
             }
-            None => {
-                if let Some(mut ex) = this.exchange.take() {
-                    ex.release_connection();
-                }
-            }
+            None => drop(this.exchange.take()),
             // A backend that broke off mid-body: the exchange is over, the connection closed.
             Some(Err(_)) => drop(this.exchange.take()),
         }

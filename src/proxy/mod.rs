@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod error;
+pub mod h1;
 pub mod hash_key;
 pub mod headers;
 pub mod pool;
@@ -29,7 +30,7 @@ use crate::state::{ListenerRoutes, Snapshot, State};
 use crate::upstream::Upstream;
 pub use body::{Exchange, ProxyBody};
 pub use error::ProxyError;
-use pool::{OutBody, SendError};
+use pool::{BackendBody, OutBody, SendError};
 
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug)]
@@ -142,7 +143,7 @@ async fn forward(
     listener: Option<&ListenerRoutes>,
     mut req: Request<Incoming>,
     ex: &mut Exchange,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<BackendBody>, ProxyError> {
     if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
         return Err(ProxyError::BadRequest(
             "an HTTP/1.1 request needs a Host header",
@@ -211,15 +212,22 @@ async fn forward(
             // A switch nobody asked for cannot be carried to the client.
             return Err(ProxyError::Broken);
         };
-        let backend_upgrade = hyper::upgrade::on(&mut resp);
-        headers::strip_hop_by_hop(resp.headers_mut());
-        headers::set_upgrade(resp.headers_mut(), protocol);
+        let (mut parts, body) = resp.into_parts();
+        // Only HTTP/1.1 switches protocols; an HTTP/2 backend cannot send a 101.
+        let Either::Left(body) = body else {
+            return Err(ProxyError::Broken);
+        };
+        let Some(backend) = body.into_upgraded() else {
+            return Err(ProxyError::Broken);
+        };
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::set_upgrade(&mut parts.headers, protocol);
         let in_flight = ex.in_flight.take();
         // The connection stays busy while the tunnel lives: no keep-alive timeout, no parking.
         let busy = cx.activity.begin();
         cx.tunnels
-            .spawn(tunnel(client_upgrade, backend_upgrade, (in_flight, busy)));
-        return Ok(resp);
+            .spawn(tunnel(client_upgrade, backend, (in_flight, busy)));
+        return Ok(Response::from_parts(parts, Either::Left(h1::Body::empty())));
     }
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp)
@@ -237,7 +245,7 @@ async fn send_with_retries(
     pinned: Option<usize>,
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<BackendBody>, ProxyError> {
     let template = if upstream.retries > 0 {
         pool::replayable(out)
     } else {
@@ -283,9 +291,8 @@ async fn send_with_retries(
         let sent = backend.pool.send(request, template.as_ref());
         let outcome = tokio::time::timeout(upstream.response_timeout, sent).await;
         match outcome {
-            Ok(Ok((resp, lease))) => {
+            Ok(Ok(resp)) => {
                 health::record_exchange(upstream, chosen, !resp.status().is_server_error());
-                ex.lease = Some(lease);
                 return Ok(resp);
             }
             Err(_) => {
@@ -337,17 +344,22 @@ fn head_size<B>(req: &Request<B>) -> usize {
     })
 }
 
-/// Copies bytes both ways between an upgraded client and backend until either side closes.
-/// The backend counts the tunnel as a request in flight for as long as it is open.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, _held: (Option<InFlight>, Busy)) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!("upgrade failed: {e}");
-            return;
-        }
+/// Copies bytes both ways between an upgraded client and backend until either
+/// side closes, starting with what the backend sent after its 101. The backend
+/// counts the tunnel as a request in flight for as long as it is open.
+async fn tunnel(
+    client: OnUpgrade,
+    (mut backend, early): (h1::Stream, Bytes),
+    _held: (Option<InFlight>, Busy),
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut client = match client.await {
+        Ok(client) => TokioIo::new(client),
+        Err(e) => return tracing::debug!("upgrade failed: {e}"),
     };
-    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    if let Err(e) = client.write_all(&early).await {
+        return tracing::debug!("tunnel closed: {e}");
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
         tracing::debug!("tunnel closed: {e}");
     }

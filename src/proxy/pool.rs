@@ -1,18 +1,19 @@
 //! Keep-alive HTTP/1.1 connections to one backend, shared by every worker thread.
 //!
-//! Each connection's I/O task runs on the worker that opened it. Idle
-//! connections are kept in one list per worker; a worker takes from its own
-//! list first, so in the common case a request and its backend connection stay
-//! on one thread, and only when its own list is empty does it borrow another
-//! worker's idle connection before opening a new one. Lists are LIFO: the most
+//! Each connection's socket is registered with the event loop of the worker
+//! that opened it. Idle connections are kept in one list per worker; a worker
+//! takes from its own list first, so in the common case a request and its
+//! backend connection stay on one thread, and only when its own list is empty
+//! does it borrow another worker's idle connection before opening a new one. Lists are LIFO: the most
 //! recently used connections stay hot and surplus ones age out after `idle`.
 //!
 //! With upstream TLS, a backend that picks h2 by ALPN gets HTTP/2: one
 //! connection per worker, shared by that worker's requests, instead of an idle
 //! list.
 //!
-//! A connection goes back to the pool only once its response body has been
-//! read to the end (see `body.rs`); a response cut short closes it.
+//! An HTTP/1.1 exchange runs in the request's own task (`h1.rs`), with no task
+//! per connection. The connection goes back to the pool only once its response
+//! body has been read to the end; a response cut short closes it.
 //!
 //! A backend may close an idle keep-alive connection just as a request is sent
 //! on it. If the request never left, it is sent again on another connection. If
@@ -31,12 +32,13 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics::Counter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::h1::{self, Failure, Stream};
 use crate::backend_tls::{self, Connector};
 
 thread_local! {
@@ -53,11 +55,14 @@ pub enum SendError {
     /// No connection could take the request; it comes back unsent.
     Connect(io::Error, Box<Request<OutBody>>),
     /// The backend took the request, or part of it, and failed before answering.
-    Exchange(hyper::Error),
+    Exchange(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What goes to a backend: the client's body, or nothing for a request sent again.
 pub type OutBody = Either<Incoming, Empty<Bytes>>;
+
+/// What comes back: an HTTP/1.1 body read in the request's task, or an HTTP/2 stream's.
+pub type BackendBody = Either<h1::Body<Return>, Incoming>;
 
 /// Idle connections beyond `max_idle` unused this long are closed. Not at once:
 /// a load that comes in waves (HTTP/2 clients' batches of streams) needs its
@@ -67,35 +72,16 @@ const SURPLUS_AFTER: Duration = Duration::from_secs(1);
 /// A connection idle this long may have been closed by the backend's keep-alive timeout.
 const STALE_AFTER: Duration = Duration::from_millis(100);
 
-/// A backend connection's request side.
+/// A backend connection, ready for a request.
 #[derive(Debug)]
 enum Sender {
-    Http1(http1::SendRequest<OutBody>),
+    Http1(h1::Conn),
     /// A clone of a worker's shared HTTP/2 connection.
     Http2(http2::SendRequest<OutBody>),
 }
 
-impl Sender {
-    async fn ready(&mut self) -> hyper::Result<()> {
-        match self {
-            Sender::Http1(s) => s.ready().await,
-            Sender::Http2(s) => s.ready().await,
-        }
-    }
-
-    async fn try_send_request(
-        &mut self,
-        req: Request<OutBody>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutBody>>> {
-        match self {
-            Sender::Http1(s) => s.try_send_request(req).await,
-            Sender::Http2(s) => s.try_send_request(req).await,
-        }
-    }
-}
-
 struct Idle {
-    sender: http1::SendRequest<OutBody>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -131,24 +117,21 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// A connection lent out for one exchange. `release` gives it back; dropping it closes it.
+/// Where an HTTP/1.1 connection goes back when its exchange is over: the idle
+/// list of the worker that opened it (or last borrowed it).
 #[derive(Debug)]
-pub struct Lease {
+pub struct Return {
     pool: Arc<Pool>,
-    sender: Sender,
     home: usize,
 }
 
-impl Lease {
-    pub fn release(self) {
-        // An HTTP/2 connection stays in its worker's slot; this was a clone.
-        if let Sender::Http1(sender) = self.sender {
-            let list = &self.pool.idle[self.home];
-            list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
+impl h1::Reuse for Return {
+    fn reuse(self, conn: h1::Conn) {
+        let list = &self.pool.idle[self.home];
+        list.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -198,10 +181,10 @@ impl Pool {
         let now = Instant::now();
         for i in (0..self.idle.len()).map(|k| (own + k) % self.idle.len()) {
             let mut list = self.idle[i].lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(idle) = list.pop() {
+            while let Some(mut idle) = list.pop() {
                 let idle_for = now.duration_since(idle.since);
-                if !idle.sender.is_closed() && idle_for < self.settings.idle_timeout {
-                    return Some((Sender::Http1(idle.sender), i, idle_for));
+                if idle_for < self.settings.idle_timeout && !idle.conn.is_closed() {
+                    return Some((Sender::Http1(idle.conn), i, idle_for));
                 }
             }
         }
@@ -213,13 +196,13 @@ impl Pool {
             let stream = TcpStream::connect(self.addr).await?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
-                None => self.handshake_http1(stream).await,
+                None => Ok(Sender::Http1(h1::Conn::new(Stream::Plain(stream)))),
                 Some(tls) => {
                     let stream = tls.connect(stream).await?;
                     if backend_tls::is_h2(&stream) {
                         self.handshake_http2(stream).await
                     } else {
-                        self.handshake_http1(stream).await
+                        Ok(Sender::Http1(h1::Conn::new(Stream::Tls(Box::new(stream)))))
                     }
                 }
             }
@@ -230,23 +213,6 @@ impl Pool {
         };
         self.opened.increment(1);
         Ok((sender, self.home()))
-    }
-
-    async fn handshake_http1<S>(&self, stream: S) -> io::Result<Sender>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(backend = %addr, "backend connection ended: {e}");
-            }
-        });
-        Ok(Sender::Http1(sender))
     }
 
     /// Opens this worker's shared HTTP/2 connection; it replaces any earlier one.
@@ -279,10 +245,10 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<OutBody>,
         template: Option<&Request<OutBody>>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<Response<BackendBody>, SendError> {
         let mut own_copy = None;
         loop {
-            let (mut sender, home, idle_for, reused) = match self.checkout() {
+            let (sender, home, idle_for, reused) = match self.checkout() {
                 Some((sender, home, idle_for)) => (sender, home, idle_for, true),
                 // Boxed: connecting (a TLS handshake above all) needs far more
                 // state than a pooled exchange, and every request's future would
@@ -292,7 +258,32 @@ impl Pool {
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 },
             };
-            if sender.ready().await.is_err() {
+            if template.is_none() && own_copy.is_none() && reused && idle_for >= STALE_AFTER {
+                own_copy = replayable(&req);
+            }
+            let mut h2 = match sender {
+                Sender::Http1(conn) => {
+                    let back = Return {
+                        pool: self.clone(),
+                        home,
+                    };
+                    match conn.send(req, back).await {
+                        Ok(resp) => return Ok(resp.map(Either::Left)),
+                        Err(Failure::Unsent(_, unsent)) if reused => req = *unsent,
+                        Err(Failure::Unsent(e, unsent)) => {
+                            return Err(SendError::Connect(e, unsent))
+                        }
+                        Err(Failure::Incomplete(e)) => match template.or(own_copy.as_ref()) {
+                            Some(t) if reused => req = copy_request(t),
+                            _ => return Err(SendError::Exchange(e.into())),
+                        },
+                        Err(Failure::Broken(e)) => return Err(SendError::Exchange(e.into())),
+                    }
+                    continue;
+                }
+                Sender::Http2(h2) => h2,
+            };
+            if h2.ready().await.is_err() {
                 if reused {
                     continue;
                 }
@@ -301,20 +292,8 @@ impl Pool {
                     Box::new(req),
                 ));
             }
-            if template.is_none() && own_copy.is_none() && reused && idle_for >= STALE_AFTER {
-                own_copy = replayable(&req);
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((
-                        resp,
-                        Lease {
-                            pool: self.clone(),
-                            sender,
-                            home,
-                        },
-                    ))
-                }
+            match h2.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(Either::Right)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
                     Some(unsent) => {
@@ -327,7 +306,7 @@ impl Pool {
                         Some(t) if reused && e.error().is_incomplete_message() => {
                             req = copy_request(t)
                         }
-                        _ => return Err(SendError::Exchange(e.into_error())),
+                        _ => return Err(SendError::Exchange(e.into_error().into())),
                     },
                 },
             }
@@ -341,8 +320,8 @@ impl Pool {
         let mut list = self.idle[self.home()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        list.retain(|idle| {
-            !idle.sender.is_closed() && now.duration_since(idle.since) < self.settings.idle_timeout
+        list.retain_mut(|idle| {
+            now.duration_since(idle.since) < self.settings.idle_timeout && !idle.conn.is_closed()
         });
         // Oldest first: connections are pushed as they come back.
         let surplus = list.len().saturating_sub(self.max_idle_per_worker);
