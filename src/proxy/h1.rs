@@ -26,6 +26,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{Either, Empty};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -101,17 +102,19 @@ pub struct Conn {
     buf: BytesMut,
 }
 
-/// Why an exchange failed, which decides whether it may be sent again.
+/// Why an exchange failed, which decides whether it may be sent again. A
+/// request that had no body comes back with the last two, so that it can be
+/// sent again where that is safe, without a copy made beforehand in case.
 #[derive(Debug)]
 pub enum Failure {
     /// Not a byte was written: the request comes back as it was.
     Unsent(io::Error, Box<Request<OutBody>>),
     /// The request was written, wholly or in part, and the connection ended
     /// before a byte of response: a backend closing an idle connection looks
-    /// like this, and a request that can be replayed may be sent again.
-    Incomplete(io::Error),
+    /// like this.
+    Incomplete(io::Error, Option<Box<Request<OutBody>>>),
     /// Anything else: a malformed response, or the connection failing mid-response.
-    Broken(io::Error),
+    Broken(io::Error, Option<Box<Request<OutBody>>>),
 }
 
 /// Gives a connection back for another exchange.
@@ -165,7 +168,8 @@ impl Conn {
                 Ok(n) => n,
                 Err(e) => return Err(Failure::Unsent(e, Box::new(req))),
             };
-        let body = req.into_body();
+        let (parts, body) = req.into_parts();
+        let bodyless = body.is_end_stream();
         let mut upload = Upload {
             body: (!body.is_end_stream()).then_some(body),
             chunked,
@@ -181,13 +185,20 @@ impl Conn {
             self.poll_head(cx, &mut got_any)
         })
         .await
-        .map_err(|e| {
-            if got_any {
-                Failure::Broken(e)
-            } else {
-                Failure::Incomplete(e)
+        .and_then(|head| Ok((framing(head_only, head.status, &head.headers)?, head)));
+        let (framing, parsed) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let back = bodyless
+                    .then(|| Box::new(Request::from_parts(parts, Either::Right(Empty::new()))));
+                return Err(if got_any {
+                    Failure::Broken(e, back)
+                } else {
+                    Failure::Incomplete(e, back)
+                });
             }
-        })?;
+        };
+        drop(parts);
         let upload_done = upload.is_done();
         drop(upload);
 
@@ -195,7 +206,6 @@ impl Conn {
         *resp.status_mut() = parsed.status;
         *resp.version_mut() = parsed.version;
         *resp.headers_mut() = parsed.headers;
-        let framing = framing(head_only, parsed.status, resp.headers()).map_err(Failure::Broken)?;
         let keep_alive = upload_done
             && !matches!(framing, Framing::UntilClose | Framing::Upgrade)
             && keeps_alive(parsed.version, resp.headers());

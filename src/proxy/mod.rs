@@ -246,11 +246,7 @@ async fn send_with_retries(
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
 ) -> Result<Response<BackendBody>, ProxyError> {
-    let template = if upstream.retries > 0 {
-        pool::replayable(out)
-    } else {
-        None
-    };
+    let replay = upstream.retries > 0;
     upstream.retry_budget.deposit();
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut last = ProxyError::NoBackend;
@@ -288,7 +284,7 @@ async fn send_with_retries(
             .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
 
         let request = std::mem::replace(out, Request::new(Either::Right(Empty::new())));
-        let sent = backend.pool.send(request, template.as_ref());
+        let sent = backend.pool.send(request, replay);
         let outcome = tokio::time::timeout(upstream.response_timeout, sent).await;
         match outcome {
             Ok(Ok(resp)) => {
@@ -306,11 +302,11 @@ async fn send_with_retries(
                 reached_backend = false;
                 last = ProxyError::Connect;
             }
-            Ok(Err(SendError::Exchange(e))) => {
+            Ok(Err(SendError::Exchange(e, back))) => {
                 tracing::debug!(backend = %backend.address, "exchange failed: {e}");
                 health::record_exchange(upstream, chosen, false);
-                match &template {
-                    Some(t) => *out = pool::copy_request(t),
+                match back {
+                    Some(again) => *out = *again,
                     None => return Err(ProxyError::Broken),
                 }
                 reached_backend = true;

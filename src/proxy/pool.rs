@@ -54,8 +54,13 @@ pub fn set_worker(index: usize) {
 pub enum SendError {
     /// No connection could take the request; it comes back unsent.
     Connect(io::Error, Box<Request<OutBody>>),
-    /// The backend took the request, or part of it, and failed before answering.
-    Exchange(Box<dyn std::error::Error + Send + Sync>),
+    /// The backend took the request, or part of it, and failed before
+    /// answering. The request comes back if the caller asked for it to be sent
+    /// again (`replay`) and that is safe: an idempotent method and no body.
+    Exchange(
+        Box<dyn std::error::Error + Send + Sync>,
+        Option<Box<Request<OutBody>>>,
+    ),
 }
 
 /// What goes to a backend: the client's body, or nothing for a request sent again.
@@ -239,14 +244,14 @@ impl Pool {
 
     /// Sends `req` on a pooled connection, or a new one. When a pooled
     /// connection fails it (module docs), it is sent again on another connection
-    /// to this backend: as is, if it never left, or as a copy of `template` (or
-    /// of itself, for a replayable request on a long-idle connection).
+    /// to this backend: as is, if it never left, or if it can be replayed and
+    /// either the caller asked for `replay` or the connection had been idle
+    /// long enough for the backend to have closed it.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<OutBody>,
-        template: Option<&Request<OutBody>>,
+        replay: bool,
     ) -> Result<Response<BackendBody>, SendError> {
-        let mut own_copy = None;
         loop {
             let (sender, home, idle_for, reused) = match self.checkout() {
                 Some((sender, home, idle_for)) => (sender, home, idle_for, true),
@@ -258,9 +263,9 @@ impl Pool {
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 },
             };
-            if template.is_none() && own_copy.is_none() && reused && idle_for >= STALE_AFTER {
-                own_copy = replayable(&req);
-            }
+            let stale = reused && idle_for >= STALE_AFTER;
+            let replayable =
+                |back: Option<Box<Request<OutBody>>>| back.filter(|r| is_idempotent(r.method()));
             let mut h2 = match sender {
                 Sender::Http1(conn) => {
                     let back = Return {
@@ -273,11 +278,16 @@ impl Pool {
                         Err(Failure::Unsent(e, unsent)) => {
                             return Err(SendError::Connect(e, unsent))
                         }
-                        Err(Failure::Incomplete(e)) => match template.or(own_copy.as_ref()) {
-                            Some(t) if reused => req = copy_request(t),
-                            _ => return Err(SendError::Exchange(e.into())),
+                        Err(Failure::Incomplete(e, back)) => match replayable(back) {
+                            Some(again) if reused && (replay || stale) => req = *again,
+                            again => {
+                                return Err(SendError::Exchange(e.into(), again.filter(|_| replay)))
+                            }
                         },
-                        Err(Failure::Broken(e)) => return Err(SendError::Exchange(e.into())),
+                        Err(Failure::Broken(e, back)) => {
+                            let again = replayable(back).filter(|_| replay);
+                            return Err(SendError::Exchange(e.into(), again));
+                        }
                     }
                     continue;
                 }
@@ -292,6 +302,12 @@ impl Pool {
                     Box::new(req),
                 ));
             }
+            // hyper keeps the request once sent: a copy for sending it again.
+            let copy = if replay || stale {
+                copy_replayable(&req)
+            } else {
+                None
+            };
             match h2.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(Either::Right)),
                 Err(mut e) => match e.take_message() {
@@ -302,11 +318,12 @@ impl Pool {
                             Box::new(unsent),
                         ))
                     }
-                    None => match template.or(own_copy.as_ref()) {
-                        Some(t) if reused && e.error().is_incomplete_message() => {
-                            req = copy_request(t)
+                    None => match copy {
+                        Some(again) if reused && e.error().is_incomplete_message() => req = again,
+                        again => {
+                            let again = again.filter(|_| replay).map(Box::new);
+                            return Err(SendError::Exchange(e.into_error().into(), again));
                         }
-                        _ => return Err(SendError::Exchange(e.into_error().into())),
                     },
                 },
             }
@@ -340,22 +357,25 @@ impl Pool {
     }
 }
 
-/// A copy of a request that may be sent twice: an idempotent method and no body.
-pub fn replayable(req: &Request<OutBody>) -> Option<Request<OutBody>> {
-    use http_body::Body;
-    let idempotent = matches!(
-        *req.method(),
+/// Whether a request may be sent twice (with no body, which the caller checks).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    );
-    (idempotent && req.body().is_end_stream()).then(|| copy_request(req))
+    )
 }
 
-/// The same method, target, version and headers, with no body.
-pub fn copy_request(req: &Request<OutBody>) -> Request<OutBody> {
+/// A copy of a request that may be sent twice: an idempotent method and no
+/// body. The same method, target, version and headers.
+fn copy_replayable(req: &Request<OutBody>) -> Option<Request<OutBody>> {
+    use http_body::Body;
+    if !is_idempotent(req.method()) || !req.body().is_end_stream() {
+        return None;
+    }
     let mut copy = Request::new(Either::Right(Empty::new()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    copy
+    Some(copy)
 }
