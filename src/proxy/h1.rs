@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{Either, Empty};
@@ -208,7 +208,7 @@ impl Conn {
         *resp.headers_mut() = parsed.headers;
         let keep_alive = upload_done
             && !matches!(framing, Framing::UntilClose | Framing::Upgrade)
-            && keeps_alive(parsed.version, resp.headers());
+            && keeps_alive(parsed.version, parsed.connection);
         let mut body = Body {
             conn: Some(self),
             framing,
@@ -350,6 +350,34 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    connection: ConnectionTokens,
+}
+
+/// What the response's `Connection` fields say about this connection. The
+/// fields themselves reach the map only when they also name other fields, for
+/// `headers::strip_hop_by_hop` to remove: a backend's usual `Connection:
+/// keep-alive` costs a map entry, a lookup and a removal otherwise.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    /// Adds one field value's tokens; false if it names anything else.
+    fn add(&mut self, value: &[u8]) -> bool {
+        let mut only_ours = true;
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() {
+                only_ours = false;
+            }
+        }
+        only_ours
+    }
 }
 
 /// Parses a response head at the front of `buf` and removes it; `None` while
@@ -385,8 +413,15 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut connection = ConnectionTokens::default();
     for &(n, nl, v, vl) in &fields[..count] {
-        let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
+        let name = &head[n as usize..(n + nl) as usize];
+        if name.eq_ignore_ascii_case(b"connection")
+            && connection.add(&head[v as usize..(v + vl) as usize])
+        {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -396,6 +431,7 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
         status,
         version,
         headers,
+        connection,
     }))
 }
 
@@ -464,18 +500,10 @@ fn bad_length() -> io::Error {
 }
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told `keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+fn keeps_alive(version: Version, connection: ConnectionTokens) -> bool {
     match version {
-        Version::HTTP_11 => !has("close"),
-        _ => has("keep-alive"),
+        Version::HTTP_11 => !connection.close,
+        _ => connection.keep_alive,
     }
 }
 
@@ -726,6 +754,7 @@ impl<R: Reuse> http_body::Body for Body<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::CONNECTION;
 
     /// The body, the trailers and what was left in the buffer.
     fn decode_all(input: &[u8], step: usize) -> io::Result<(Vec<u8>, HeaderMap, BytesMut)> {
@@ -794,6 +823,20 @@ mod tests {
     }
 
     #[test]
+    fn connection_fields_are_read_and_kept_only_when_they_name_other_fields() {
+        let parse = |text: &[u8]| parse_head(&mut BytesMut::from(text)).unwrap().unwrap();
+        let head = parse(b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive\r\nCONNECTION: close\r\n\r\n");
+        assert!(head.connection.keep_alive && head.connection.close);
+        assert!(!head.headers.contains_key(CONNECTION));
+
+        // A field naming others stays, for strip_hop_by_hop to remove them by it.
+        let head =
+            parse(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Trace\r\nX-Trace: 1\r\n\r\n");
+        assert!(head.connection.keep_alive && !head.connection.close);
+        assert_eq!(head.headers[CONNECTION], "keep-alive, X-Trace");
+    }
+
+    #[test]
     fn framing_follows_rfc_9112() {
         let map = |pairs: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
@@ -852,13 +895,14 @@ mod tests {
     #[test]
     fn keep_alive_follows_the_version_and_connection_tokens() {
         let conn = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(CONNECTION, v.parse().unwrap());
-            h
+            let mut tokens = ConnectionTokens::default();
+            tokens.add(v.as_bytes());
+            tokens
         };
-        assert!(keeps_alive(Version::HTTP_11, &HeaderMap::new()));
-        assert!(!keeps_alive(Version::HTTP_11, &conn("foo, Close")));
-        assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(keeps_alive(Version::HTTP_10, &conn("Keep-Alive")));
+        let none = ConnectionTokens::default();
+        assert!(keeps_alive(Version::HTTP_11, none));
+        assert!(!keeps_alive(Version::HTTP_11, conn("foo, Close")));
+        assert!(!keeps_alive(Version::HTTP_10, none));
+        assert!(keeps_alive(Version::HTTP_10, conn("Keep-Alive")));
     }
 }
