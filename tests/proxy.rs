@@ -344,6 +344,9 @@ fn scripted_backend() -> (
                         "/no-content" => &[b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"],
                         "/until-close" => &[b"HTTP/1.1 200 OK\r\n\r\nto the ", b"end"],
                         "/http10" => &[b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!"],
+                        "/http10-keep-alive" => &[b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 4\r\n\r\nold!"],
+                        // Kept open here: the proxy must close it of its own accord.
+                        "/close" => &[b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, close\r\nContent-Length: 3\r\n\r\nbye"],
                         "/bad-length" => &[b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello"],
                         _ => &[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
                     };
@@ -389,8 +392,13 @@ fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_
     assert_eq!(reply("GET", "/http10"), (200, "old!".into()));
     assert_eq!(reply("GET", "/"), (200, "ok".into()));
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // `Connection: close` ends reuse even beside `keep-alive`; HTTP/1.0 may ask to keep it.
+    assert_eq!(reply("GET", "/close"), (200, "bye".into()));
+    assert_eq!(reply("GET", "/http10-keep-alive"), (200, "old!".into()));
+    assert_eq!(reply("GET", "/"), (200, "ok".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
     // Conflicting lengths cannot be framed: 502, and the connection is not kept.
     assert_eq!(reply("GET", "/bad-length").0, 502);
     assert_eq!(reply("GET", "/"), (200, "ok".into()));
-    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
