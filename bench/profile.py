@@ -7,10 +7,12 @@
   cpu-split           user and system CPU per request, bascule and NGINX alternately
                       (add --close for a new connection per request)
   idle-tls            RSS per idle TLS keep-alive connection
+  reuse               new backend connections per 1 000 requests, keep-alive clients and
+                      clients opening a connection per request (from /metrics)
 
 Run from the project root after `cargo build --release`. Needs nginx-light, wrk, nghttp2-client
 (h2load), valgrind and openssl (Debian packages). The balancer runs on core 0; the three NGINX
-backends and the load on core 1, as in compare.py. Ports 18080, 18081, 18443 and 19001-19003
+backends and the load on core 1, as in compare.py. Ports 18080 to 18082, 18443 and 19001-19003
 must be free.
 """
 import argparse
@@ -26,7 +28,7 @@ import time
 import urllib.request
 
 BASCULE = os.path.abspath("target/release/bascule")
-PLAIN, NGINX_LB, TLS = 18080, 18081, 18443
+PLAIN, NGINX_LB, ADMIN, TLS = 18080, 18081, 18082, 18443
 BACKENDS = (19001, 19002, 19003)
 
 
@@ -70,7 +72,9 @@ def write_configs(d):
                     "-nodes", "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem", "-days", "2",
                     "-subj", "/CN=localhost"], check=True, capture_output=True)
     backends = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
-    open(f"{d}/bascule.yaml", "w").write(f"""listeners:
+    open(f"{d}/bascule.yaml", "w").write(f"""admin:
+  bind: 127.0.0.1:{ADMIN}
+listeners:
   - bind: 127.0.0.1:{PLAIN}
     routes:
       - upstream: app
@@ -179,6 +183,27 @@ def cpu_split(d, close, rounds, seconds):
         ngx.wait()
 
 
+def connections_opened():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("bascule_backend_connections_opened_total"))
+
+
+def reuse(d, seconds):
+    lb = start([BASCULE, "-c", f"{d}/bascule.yaml"], 0)
+    try:
+        wait_for(f"http://127.0.0.1:{PLAIN}/")
+        for load, close in (("keepalive", False), ("close", True)):
+            before = connections_opened()
+            n = wrk(f"http://127.0.0.1:{PLAIN}/", seconds, close)
+            opened = connections_opened() - before
+            print(f"{load}: {opened:.0f} new backend connections in {n} requests "
+                  f"({opened * 1000 / n:.2f} per 1 000)")
+    finally:
+        lb.terminate()
+        lb.wait()
+
+
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS"):
@@ -229,6 +254,7 @@ def main():
     split.add_argument("--seconds", type=int, default=8)
     idle = sub.add_parser("idle-tls")
     idle.add_argument("--conns", type=int, default=3000)
+    sub.add_parser("reuse").add_argument("--seconds", type=int, default=5)
     args = ap.parse_args()
     if not os.path.exists(BASCULE):
         sys.exit("build first: cargo build --release")
@@ -242,6 +268,8 @@ def main():
                 instructions(d, args.load, args.requests)
             elif args.what == "cpu-split":
                 cpu_split(d, args.close, args.rounds, args.seconds)
+            elif args.what == "reuse":
+                reuse(d, args.seconds)
             else:
                 asyncio.run(idle_tls(d, args.conns))
         finally:
