@@ -335,6 +335,8 @@ fn scripted_backend() -> (
                             b"lo\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n",
                             b"\r\n",
                         ],
+                        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
+                        "/chunked-and-length" => &[b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
                         "/interim" => &[
                             b"HTTP/1.1 100 Continue\r\n\r\n",
                             b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n",
@@ -381,6 +383,7 @@ fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_
     // Each of these leaves the connection fit for the next: one connection for all.
     assert_eq!(reply("GET", "/chunked"), (200, "hello world".into()));
     assert_eq!(reply("GET", "/interim"), (200, "interim".into()));
+    assert_eq!(reply("GET", "/chunked-and-length"), (200, "hello".into()));
     assert_eq!(reply("HEAD", "/head"), (200, String::new()));
     assert_eq!(reply("GET", "/no-content"), (204, String::new()));
     assert_eq!(reply("GET", "/chunked"), (200, "hello world".into()));

@@ -185,7 +185,7 @@ impl Conn {
             self.poll_head(cx, &mut got_any)
         })
         .await
-        .and_then(|head| Ok((framing(head_only, head.status, &head.headers)?, head)));
+        .and_then(|head| Ok((framing(head_only, head.status, &head.body)?, head)));
         let (framing, parsed) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -351,6 +351,43 @@ struct Head {
     version: Version,
     headers: HeaderMap,
     connection: ConnectionTokens,
+    body: BodyFields,
+}
+
+/// What the response's `Transfer-Encoding` and `Content-Length` fields say
+/// about its body, read while parsing. `Transfer-Encoding` is hop-by-hop and
+/// stays out of the map; beside it `Content-Length` is removed too (RFC 9112
+/// §6.3): the body that reaches the client is the decoded one.
+#[derive(Debug, Default)]
+struct BodyFields {
+    /// Whether the last coding of the last `Transfer-Encoding` field is
+    /// `chunked`, if there is one.
+    chunked: Option<bool>,
+    content_length: Option<u64>,
+    /// A `Content-Length` that is not a number, or copies that disagree.
+    bad_length: bool,
+}
+
+impl BodyFields {
+    fn add_transfer_encoding(&mut self, value: &[u8]) {
+        let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
+
+    fn add_content_length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok());
+            match n {
+                Some(n) if self.content_length.is_none_or(|l| l == n) => {
+                    self.content_length = Some(n)
+                }
+                _ => self.bad_length = true,
+            }
+        }
+    }
 }
 
 /// What the response's `Connection` fields say about this connection. The
@@ -414,12 +451,19 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let mut connection = ConnectionTokens::default();
+    let mut body = BodyFields::default();
     for &(n, nl, v, vl) in &fields[..count] {
         let name = &head[n as usize..(n + nl) as usize];
-        if name.eq_ignore_ascii_case(b"connection")
-            && connection.add(&head[v as usize..(v + vl) as usize])
-        {
+        let raw = &head[v as usize..(v + vl) as usize];
+        if name.eq_ignore_ascii_case(b"connection") && connection.add(raw) {
             continue;
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            body.add_transfer_encoding(raw);
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            body.add_content_length(raw);
         }
         let name = HeaderName::from_bytes(name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -427,11 +471,15 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         headers.append(name, value);
     }
+    if body.chunked.is_some() && body.content_length.is_some() {
+        headers.remove(CONTENT_LENGTH);
+    }
     Ok(Some(Head {
         status,
         version,
         headers,
         connection,
+        body,
     }))
 }
 
@@ -448,55 +496,30 @@ enum Framing {
     Upgrade,
 }
 
-fn framing(head_only: bool, status: StatusCode, headers: &HeaderMap) -> io::Result<Framing> {
+fn framing(head_only: bool, status: StatusCode, body: &BodyFields) -> io::Result<Framing> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Framing::Upgrade);
     }
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Done);
     }
-    if let Some(te) = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        // Only a final `chunked` frames the body; any other coding runs to the close.
-        let last = te
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::default()),
-            _ => Framing::UntilClose,
-        });
+    // Only a final `chunked` frames the body; any other coding runs to the close.
+    match body.chunked {
+        Some(true) => return Ok(Framing::Chunked(Chunked::default())),
+        Some(false) => return Ok(Framing::UntilClose),
+        None => {}
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.to_str().map_err(|_| bad_length())?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad_length());
-            }
-            let n: u64 = part.parse().map_err(|_| bad_length())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad_length());
-            }
-            length = Some(n);
-        }
+    if body.bad_length {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid Content-Length from the backend",
+        ));
     }
-    Ok(match length {
+    Ok(match body.content_length {
         Some(0) => Framing::Done,
         Some(n) => Framing::Length(n),
         None => Framing::UntilClose,
     })
-}
-
-fn bad_length() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        "invalid Content-Length from the backend",
-    )
 }
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told `keep-alive`.
@@ -838,16 +861,17 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let map = |pairs: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
+        let head = |pairs: &[(&str, &str)]| {
+            let mut text = String::from("HTTP/1.1 200 OK\r\n");
             for (k, v) in pairs {
-                h.append(
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                );
+                text += &format!("{k}: {v}\r\n");
             }
-            h
+            text += "\r\n";
+            parse_head(&mut BytesMut::from(text.as_bytes()))
+                .unwrap()
+                .unwrap()
         };
+        let map = |pairs: &[(&str, &str)]| head(pairs).body;
         let ok = StatusCode::OK;
         let length = map(&[("content-length", "10")]);
         assert!(matches!(framing(true, ok, &length).unwrap(), Framing::Done));
@@ -871,6 +895,9 @@ mod tests {
             framing(false, ok, &both).unwrap(),
             Framing::Chunked(_)
         ));
+        // Transfer-Encoding is hop-by-hop, and beside it Content-Length is dropped too.
+        let both = head(&[("Content-Length", "10"), ("Transfer-Encoding", "chunked")]).headers;
+        assert!(both.is_empty(), "{both:?}");
         let gzip = map(&[("transfer-encoding", "gzip")]);
         assert!(matches!(
             framing(false, ok, &gzip).unwrap(),
