@@ -99,13 +99,6 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let server = match Server::start(config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bascule: {e}");
-            return ExitCode::from(1);
-        }
-    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -113,21 +106,32 @@ fn run(path: &Path) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bascule: cannot start the signal handler: {e}");
-            server.shutdown();
-            server.wait();
+            return ExitCode::from(1);
+        }
+    };
+    // Handlers first: a SIGHUP that came once the listeners were up but before
+    // the handlers would end the process (the default action) and reset every
+    // connection waiting to be accepted. Signals that come before the loop
+    // below waits are kept for it.
+    let signals = {
+        let _runtime = rt.enter();
+        Signals::new()
+    };
+    let mut signals = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bascule: cannot handle signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bascule: {e}");
             return ExitCode::from(1);
         }
     };
     rt.block_on(async move {
-        let mut signals = match Signals::new() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot handle signals: {e}");
-                server.shutdown();
-                server.wait();
-                return;
-            }
-        };
         // SIGHUP reloads until SIGTERM or SIGINT starts the shutdown.
         while signals.next_is_reload().await {
             server.reload_from(path);

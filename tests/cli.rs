@@ -243,6 +243,29 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_otherwise() {
 }
 
 #[test]
+fn sighup_as_soon_as_it_listens_reloads_rather_than_ending_the_process() {
+    // SIGHUP's default action ends a process: the handlers must be in place
+    // before the listeners are, or a reload sent at start-up (a service manager
+    // reloading a unit just started) kills the balancer.
+    let b = TestBackend::start("a");
+    let yaml = simple_config(&[&b]).replace("admin:\n  bind: 127.0.0.1:0\n", "");
+    // The window is a few hundred microseconds wide: many tries to meet it.
+    for _ in 0..60 {
+        let mut p = Process::start(&yaml);
+        p.signal(SIGHUP);
+        wait_until(Duration::from_secs(10), "the reload or the exit", || {
+            p.log.lock().unwrap().contains("reloaded") || p.child.try_wait().unwrap().is_some()
+        });
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "SIGHUP ended bascule:\n{}",
+            p.log.lock().unwrap()
+        );
+        assert_eq!(get(p.addrs[0], "/").body, "a");
+    }
+}
+
+#[test]
 fn check_against_previews_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     let backends = |n: usize| {

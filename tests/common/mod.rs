@@ -1,6 +1,7 @@
 //! Test helpers: real backends and a real balancer on 127.0.0.1 ephemeral ports.
 #![allow(dead_code)]
 
+use rustix::process::Signal;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -569,8 +570,8 @@ impl Process {
         }
     }
 
-    pub fn signal(&self, sig: i32) {
-        assert_eq!(unsafe_free_kill(self.child.id(), sig), 0);
+    pub fn signal(&self, sig: Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), sig).unwrap();
     }
 
     /// Waits for the process to exit and returns its exit code.
@@ -606,19 +607,9 @@ impl Drop for Process {
     }
 }
 
-/// `kill(2)` through the `kill` command, keeping the tests free of unsafe code.
-fn unsafe_free_kill(pid: u32, sig: i32) -> i32 {
-    std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .map(|s| s.code().unwrap_or(1))
-        .unwrap_or(1)
-}
-
-pub const SIGHUP: i32 = 1;
-pub const SIGINT: i32 = 2;
-pub const SIGTERM: i32 = 15;
+pub const SIGHUP: Signal = Signal::HUP;
+pub const SIGINT: Signal = Signal::INT;
+pub const SIGTERM: Signal = Signal::TERM;
 
 /// A persistent HTTP/1.1 client connection, for load that reuses connections.
 pub struct KeepAlive {
