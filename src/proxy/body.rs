@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+
 use super::pool::BackendBody;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Busy;
 use crate::metrics::{self as m, RequestCounters};
 use crate::upstream::Upstream;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

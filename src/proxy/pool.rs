@@ -4,8 +4,9 @@
 //! that opened it. Idle connections are kept in one list per worker; a worker
 //! takes from its own list first, so in the common case a request and its
 //! backend connection stay on one thread, and only when its own list is empty
-//! does it borrow another worker's idle connection before opening a new one. Lists are LIFO: the most
-//! recently used connections stay hot and surplus ones age out after `idle`.
+//! does it borrow another worker's idle connection before opening a new one.
+//! Lists are LIFO: the most recently used connections stay hot and surplus
+//! ones age out after `idle`.
 //!
 //! With upstream TLS, a backend that picks h2 by ALPN gets HTTP/2: one
 //! connection per worker, shared by that worker's requests, instead of an idle
