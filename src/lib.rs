@@ -12,6 +12,7 @@ pub mod balance;
 pub mod client_io;
 pub mod config;
 pub mod health;
+pub mod http1;
 pub mod metrics;
 pub mod preview;
 pub mod proxy;

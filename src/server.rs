@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use bytes::Bytes;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -23,9 +24,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLogger;
 use crate::admin;
-use crate::client_io::{Activity, ClientIo, Timeouts};
+use crate::client_io::{Activity, ClientIo};
 use crate::config::Config;
 use crate::health::HealthChecks;
+use crate::http1::{self, serve::ClientStream};
 use crate::proxy::{self, ConnContext};
 use crate::state::{Snapshot, State};
 
@@ -405,10 +407,7 @@ impl Worker {
         let routes = snapshot.listener(at.key)?;
         let limits = Limits::of(&routes.config);
         match (&routes.config.tls, &routes.tls) {
-            (None, _) => {
-                let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
-                Some(Box::pin(self.serve_http1(io, false, at, limits)))
-            }
+            (None, _) => Some(Box::pin(self.serve_http1(stream, false, at, limits))),
             (Some(tls), Some(acceptor)) => {
                 // The handshake runs in the connection's task, never in the accept loop.
                 // Boxed, and the stream moved straight on, so that the task does not
@@ -435,88 +434,28 @@ impl Worker {
         }
     }
 
-    /// HTTP/1, plain or over TLS, served with parking (`client_io.rs`), so that
-    /// an idle keep-alive connection holds only its socket (and, with TLS, the
-    /// session). Without TLS, a connection whose first bytes are HTTP/2's
-    /// preface (prior knowledge) goes to `serve_http2`; over TLS, ALPN decided
-    /// before this, and a client without ALPN gets HTTP/1.1.
+    /// HTTP/1, plain or over TLS (`http1/serve.rs`). Without TLS, a
+    /// connection whose first bytes are HTTP/2's preface (prior knowledge) goes
+    /// to `serve_http2`; over TLS, ALPN decided before this, and a client
+    /// without ALPN gets HTTP/1.1.
     ///
     /// Not an async fn: an async block keeps its captures in place, where an
     /// async fn would also keep a moved-from copy of every argument, and this
     /// future is most of what an idle connection costs.
-    fn serve_http1<S>(
+    fn serve_http1<S: ClientStream>(
         self: Arc<Self>,
-        io: ClientIo<S>,
+        io: S,
         tls: bool,
         at: Accepted,
         limits: Limits,
-    ) -> impl std::future::Future<Output = ()> + Send
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let cx = self.context(&at, tls, io.activity().clone());
-        let service = service_fn(move |req| proxy::serve(cx.clone(), req));
-        // It starts parked: nothing is allocated for it until bytes arrive.
-        let mut io = io.parking();
-        async move {
-            loop {
-                if io.is_parked() {
-                    let h2c = tokio::select! {
-                        r = std::future::poll_fn(|task| io.poll_unpark(task)) => match r {
-                            Ok(h2c) => h2c,
-                            Err(_) => return, // keep-alive timeout, or the socket failed
-                        },
-                        _ = at.stop.cancelled() => return,
-                    };
-                    if h2c && !tls {
-                        return self
-                            .serve_http2(io.without_parking(), false, at, limits)
-                            .await;
-                    }
-                }
-                // Boxed: it lives only while a request is in progress, not while parked.
-                let mut conn = Box::pin(
-                    http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(None)
-                        .max_buf_size(limits.head)
-                        // Never read ahead for an end of file while a reply is in progress:
-                        // parking must only ever happen between requests.
-                        .half_close(true)
-                        .serve_connection(TokioIo::new(io), service.clone())
-                        .with_upgrades(),
-                );
-                let result = tokio::select! {
-                    r = &mut conn => r,
-                    _ = at.stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        if let Err(e) = conn.await {
-                            tracing::debug!(peer = %at.peer, "client connection ended: {e}");
-                        }
-                        return;
-                    }
-                };
-                // None: upgraded to a tunnel, which now owns the socket.
-                let Some((returned, unread)) = std::pin::Pin::into_inner(conn)
-                    .into_parts()
-                    .map(|parts| (parts.io.into_inner(), parts.read_buf))
-                else {
-                    return;
-                };
-                io = returned;
-                if !io.is_parked() {
-                    if let Err(e) = result {
-                        tracing::debug!(peer = %at.peer, "client connection ended: {e}");
-                    }
-                    return;
-                }
-                // Parked: hyper's buffers are gone. Bytes it read but did not use
-                // are served first (an empty buffer still holds its allocation: dropped).
-                if !unread.is_empty() {
-                    io.unpark(unread);
-                }
-            }
-        }
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let cx = self.context(&at, tls, Arc::default());
+        let stop = at.stop.clone();
+        let http2 = (!tls).then_some(move |io: S, read: Bytes| {
+            let io = ClientIo::new(io, Arc::default(), limits.http1.keepalive).with_prefix(read);
+            self.serve_http2(io, false, at, limits)
+        });
+        http1::serve::serve(io, cx, limits.http1, stop, http2)
     }
 
     /// A TLS connection, its handshake done: HTTP/2 if ALPN chose it, else HTTP/1.1.
@@ -526,12 +465,11 @@ impl Worker {
         at: Accepted,
         limits: Limits,
     ) -> ConnectionTask {
-        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = ClientIo::new(stream, Arc::default(), limits.timeouts);
-        if h2 {
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let io = ClientIo::new(stream, Arc::default(), limits.http1.keepalive);
             self.serve_http2(io, true, at, limits)
         } else {
-            Box::pin(self.serve_http1(io, true, at, limits))
+            Box::pin(self.serve_http1(stream, true, at, limits))
         }
     }
 
@@ -554,10 +492,13 @@ impl Worker {
         let cx = self.context(&at, tls, io.activity().clone());
         // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
         // times on the way; a box moves as a pointer, the future itself is 4 KB.
-        let service = service_fn(move |req| Box::pin(proxy::serve(cx.clone(), req)));
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let reply = proxy::serve(cx.clone(), req.map(proxy::ClientBody::Http2));
+            Box::pin(async move { Ok::<_, std::convert::Infallible>(reply.await) })
+        });
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .max_header_list_size(limits.head as u32)
+            .max_header_list_size(limits.http1.head as u32)
             .serve_connection(TokioIo::new(io), service);
         Box::pin(until_stopped(Box::pin(conn), at, |conn| {
             conn.graceful_shutdown()
@@ -615,19 +556,17 @@ struct Accepted {
 /// What a listener's configuration says about each of its connections.
 #[derive(Clone, Copy)]
 struct Limits {
-    timeouts: Timeouts,
-    /// The most bytes a request head may take.
-    head: usize,
+    http1: http1::serve::Limits,
 }
 
 impl Limits {
     fn of(listener: &crate::config::ListenerConfig) -> Limits {
         Limits {
-            timeouts: Timeouts {
+            http1: http1::serve::Limits {
                 keepalive: listener.keepalive_timeout,
                 header_read: listener.header_read_timeout,
+                head: proxy::head_limit(listener.max_header_bytes),
             },
-            head: proxy::head_limit(listener.max_header_bytes),
         }
     }
 }

@@ -405,3 +405,142 @@ fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_
     assert_eq!(reply("GET", "/"), (200, "ok".into()));
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
+
+/// Reads one reply with a Content-Length body from a connection that stays open.
+fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> Reply {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse_reply(&buf[..end + 4]);
+            let len: usize = head
+                .headers
+                .get("content-length")
+                .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return Reply { body, ..head };
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it.
+fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn client_requests_are_read_and_answered_as_http1_says() {
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+
+    // Pipelined on one connection: a body framed by its length, a chunked one
+    // with extensions and trailers, then a bodyless request.
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nx-t: 1\r\n\r\n\
+          GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_one(&mut s, &mut buf).body, "5");
+    assert_eq!(read_one(&mut s, &mut buf).body, "7");
+    let r = read_one(&mut s, &mut buf);
+    assert_eq!((r.status, r.body.as_str()), (200, "a"));
+    assert!(r.headers.contains_key("date"), "{:?}", r.headers);
+
+    // Expect: 100-continue is answered before the body is sent.
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    while !buf.ends_with(b"HTTP/1.1 100 Continue\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed before 100 Continue");
+        buf.push(byte[0]);
+    }
+    buf.clear();
+    s.write_all(b"data").unwrap();
+    assert_eq!(read_one(&mut s, &mut buf).body, "4");
+
+    // A request framed two ways is read by its chunks, and is the connection's last.
+    let out = raw_exchange(
+        lb.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    let r = parse_reply(&out);
+    assert_eq!((r.status, r.body.as_str()), (200, "5"));
+    assert_eq!(r.headers["connection"], "close");
+
+    // Heads that cannot be read get a reply with a reason, and the connection closes.
+    for (request, status) in [
+        (&b"GET / HTTP/1.1\r\nHost x\r\n\r\n"[..], 400),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    ] {
+        let r = parse_reply(&raw_exchange(lb.addr, request));
+        assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(request));
+        assert!(r.body.starts_with(&status.to_string()), "{}", r.body);
+        assert_eq!(r.headers["connection"], "close");
+    }
+    assert_eq!(
+        b.requests().len(),
+        5,
+        "refused requests reached the backend"
+    );
+}
+
+#[test]
+fn replies_are_framed_for_what_the_client_speaks_and_trailers_reach_who_asked() {
+    let (addr, _) = scripted_backend();
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{ upstream: app }}]\nupstreams:\n  app:\n    backends: [{addr}]\n"
+    );
+    let lb = Balancer::start(&yaml);
+    let ask = |extra: &str| {
+        let request =
+            format!("GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n");
+        String::from_utf8(raw_exchange(lb.addr, request.as_bytes())).unwrap()
+    };
+    // The backend's chunked body goes on chunked, with its trailer only to a client that said TE: trailers.
+    let with = ask("TE: trailers\r\n");
+    assert!(with.contains("transfer-encoding: chunked\r\n"), "{with}");
+    assert!(with.ends_with("0\r\nx-trailer: 1\r\n\r\n"), "{with}");
+    assert_eq!(parse_reply(with.as_bytes()).body, "hello world");
+    let without = ask("");
+    assert!(without.ends_with("\r\n0\r\n\r\n"), "{without}");
+    assert!(!without.contains("x-trailer"), "{without}");
+
+    // HTTP/1.0 has no chunked coding: the body runs to the connection's close.
+    let old = raw_exchange(lb.addr, b"GET /chunked HTTP/1.0\r\nHost: x\r\n\r\n");
+    let r = parse_reply(&old);
+    assert!(
+        !r.headers.contains_key("transfer-encoding"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.body, "hello world");
+}

@@ -1,5 +1,6 @@
-//! The response body bascule sends to clients, and the record of the exchange
-//! that it carries until the last byte is gone.
+//! The bodies the proxy passes on: a client's request body, whichever protocol
+//! it came by, and the response body bascule sends to clients, with the record
+//! of the exchange that it carries until the last byte is gone.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,15 +10,54 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
+use hyper::body::Incoming;
 
 use super::pool::BackendBody;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Busy;
+use crate::http1::serve::RequestBody;
 use crate::metrics::{self as m, RequestCounters};
 use crate::upstream::Upstream;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::http1::BoxError;
+
+/// A client's request body: read from an HTTP/1 connection by bascule, or an
+/// HTTP/2 stream's from hyper.
+#[derive(Debug)]
+pub enum ClientBody {
+    Http1(RequestBody),
+    Http2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Http1(body) => body.is_end_stream(),
+            ClientBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Http1(body) => body.size_hint(),
+            ClientBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Everything to account for one request, done when it is dropped: after the
 /// response body has ended, or when the client went away.

@@ -22,8 +22,8 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{Either, Empty};
@@ -32,11 +32,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::pool::OutBody;
+use crate::http1::{
+    keeps_alive, BodyFields, Chunked, ConnectionTokens, Decoded, FieldSpans, Fields, Outgoing,
+    MAX_HEADERS,
+};
 
 /// The largest response head accepted; a larger one fails the exchange (502).
 const MAX_HEAD: usize = 64 * 1024;
-/// The most header fields in a response head, as hyper's default.
-const MAX_HEADERS: usize = 100;
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
 /// The most read at once for a large body.
@@ -170,16 +172,17 @@ impl Conn {
             };
         let (parts, body) = req.into_parts();
         let bodyless = body.is_end_stream();
-        let mut upload = Upload {
-            body: (!bodyless).then_some(body),
+        let mut upload = Outgoing::new(
+            BytesMut::from(&head[written..]),
+            (!bodyless).then_some(body),
             chunked,
-            pending: Bytes::copy_from_slice(&head[written..]),
-        };
+            None,
+        );
         let mut got_any = false;
         let parsed = std::future::poll_fn(|cx| {
             // The request body goes out while the response is awaited: a backend
             // may answer (and stop reading) before the upload is over.
-            if let Err(e) = upload.poll_send(cx, &mut self.io) {
+            if let Poll::Ready(Err(e)) = upload.poll_send(cx, &mut self.io) {
                 return Poll::Ready(Err(e));
             }
             self.poll_head(cx, &mut got_any)
@@ -252,74 +255,6 @@ impl Conn {
     }
 }
 
-/// The request body on its way out.
-struct Upload {
-    body: Option<OutBody>,
-    chunked: bool,
-    /// Bytes taken from the body (or the head) and not yet written.
-    pending: Bytes,
-}
-
-impl Upload {
-    fn is_done(&self) -> bool {
-        self.body.is_none() && self.pending.is_empty()
-    }
-
-    /// Writes what it can; `Ok` when done or waiting.
-    fn poll_send(&mut self, cx: &mut Context<'_>, io: &mut Stream) -> io::Result<()> {
-        loop {
-            while !self.pending.is_empty() {
-                match Pin::new(&mut *io).poll_write(cx, &self.pending) {
-                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Ok(n)) => self.pending.advance(n),
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => return Ok(()),
-                }
-            }
-            let Some(body) = self.body.as_mut() else {
-                return flush(cx, io);
-            };
-            match Pin::new(body).poll_frame(cx) {
-                // TLS holds written bytes until flushed; a plain socket's flush does nothing.
-                Poll::Pending => return flush(cx, io),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.pending = if self.chunked && !data.is_empty() {
-                            chunk(&data)
-                        } else {
-                            data
-                        };
-                    }
-                }
-                Poll::Ready(None) => {
-                    self.body = None;
-                    if self.chunked {
-                        self.pending = Bytes::from_static(b"0\r\n\r\n");
-                    }
-                }
-                // The client's upload broke off: the backend must not take it as whole.
-                Poll::Ready(Some(Err(e))) => return Err(io::Error::other(e)),
-            }
-        }
-    }
-}
-
-fn flush(cx: &mut Context<'_>, io: &mut Stream) -> io::Result<()> {
-    match Pin::new(io).poll_flush(cx) {
-        Poll::Ready(Err(e)) => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// One chunk of a chunked body.
-fn chunk(data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.len() + 20);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out.freeze()
-}
-
 /// The request line and headers, as the proxy left them, in origin form.
 fn encode_head(req: &Request<OutBody>, chunked: bool) -> Vec<u8> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -354,69 +289,6 @@ struct Head {
     body: BodyFields,
 }
 
-/// What the response's `Transfer-Encoding` and `Content-Length` fields say
-/// about its body, read while parsing. `Transfer-Encoding` is hop-by-hop and
-/// stays out of the map; beside it `Content-Length` is removed too (RFC 9112
-/// §6.3): the body that reaches the client is the decoded one.
-#[derive(Debug, Default)]
-struct BodyFields {
-    /// Whether the last coding of the last `Transfer-Encoding` field is
-    /// `chunked`, if there is one.
-    chunked: Option<bool>,
-    content_length: Option<u64>,
-    /// A `Content-Length` that is not a number, or copies that disagree.
-    bad_length: bool,
-}
-
-impl BodyFields {
-    fn add_transfer_encoding(&mut self, value: &[u8]) {
-        let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-    }
-
-    fn add_content_length(&mut self, value: &[u8]) {
-        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|p| p.parse::<u64>().ok());
-            match n {
-                Some(n) if self.content_length.is_none_or(|l| l == n) => {
-                    self.content_length = Some(n)
-                }
-                _ => self.bad_length = true,
-            }
-        }
-    }
-}
-
-/// What the response's `Connection` fields say about this connection. The
-/// fields themselves reach the map only when they also name other fields, for
-/// `headers::strip_hop_by_hop` to remove: a backend's usual `Connection:
-/// keep-alive` costs a map entry, a lookup and a removal otherwise.
-#[derive(Debug, Default, Clone, Copy)]
-struct ConnectionTokens {
-    close: bool,
-    keep_alive: bool,
-}
-
-impl ConnectionTokens {
-    /// Adds one field value's tokens; false if it names anything else.
-    fn add(&mut self, value: &[u8]) -> bool {
-        let mut only_ours = true;
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
-                self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                self.keep_alive = true;
-            } else if !token.is_empty() {
-                only_ours = false;
-            }
-        }
-        only_ours
-    }
-}
-
 /// Parses a response head at the front of `buf` and removes it; `None` while
 /// incomplete. Header values share the buffer's memory.
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
@@ -436,44 +308,16 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     } else {
         Version::HTTP_11
     };
-    // Where each field lies in the buffer, so that the values can share it.
-    let base = buf.as_ptr() as usize;
-    let mut fields = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (slot, h) in fields.iter_mut().zip(resp.headers.iter()) {
-        *slot = (
-            (h.name.as_ptr() as usize - base) as u32,
-            h.name.len() as u32,
-            (h.value.as_ptr() as usize - base) as u32,
-            h.value.len() as u32,
-        );
-    }
+    let spans = FieldSpans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut connection = ConnectionTokens::default();
-    let mut body = BodyFields::default();
-    for &(n, nl, v, vl) in &fields[..count] {
-        let name = &head[n as usize..(n + nl) as usize];
-        let raw = &head[v as usize..(v + vl) as usize];
-        if name.eq_ignore_ascii_case(b"connection") && connection.add(raw) {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            body.add_transfer_encoding(raw);
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            body.add_content_length(raw);
-        }
-        let name = HeaderName::from_bytes(name)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        headers.append(name, value);
-    }
-    if body.chunked.is_some() && body.content_length.is_some() {
-        headers.remove(CONTENT_LENGTH);
-    }
+    // With room for a sticky session's cookie: growing the map costs more than filling it.
+    let Fields {
+        headers,
+        connection,
+        body,
+    } = spans
+        .fields(&head, 1, |_, _| {})
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some(Head {
         status,
         version,
@@ -520,135 +364,6 @@ fn framing(head_only: bool, status: StatusCode, body: &BodyFields) -> io::Result
         Some(n) => Framing::Length(n),
         None => Framing::UntilClose,
     })
-}
-
-/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told `keep-alive`.
-fn keeps_alive(version: Version, connection: ConnectionTokens) -> bool {
-    match version {
-        Version::HTTP_11 => !connection.close,
-        _ => connection.keep_alive,
-    }
-}
-
-/// Where a chunked body's decoder is.
-#[derive(Debug, Default)]
-enum Chunked {
-    /// Reading a chunk-size line (with any extensions).
-    #[default]
-    Size,
-    /// This many bytes of chunk data left.
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// Trailer fields, up to the empty line.
-    Trailers(HeaderMap),
-    End,
-}
-
-/// What the decoder found at the front of the buffer.
-#[derive(Debug, PartialEq)]
-enum Decoded {
-    Data(Bytes),
-    /// The trailer fields, the body's last frame.
-    Trailers(HeaderMap),
-    /// Needs more bytes.
-    More,
-    End,
-}
-
-impl Chunked {
-    /// Decodes from the front of `buf`, consuming what it used.
-    fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
-        loop {
-            match self {
-                Chunked::Size => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(Decoded::More);
-                    };
-                    let digits = line[..].split(|&b| b == b';').next().unwrap_or(&[]);
-                    let digits = std::str::from_utf8(digits)
-                        .map_err(|_| bad_chunk())?
-                        .trim_matches([' ', '\t']);
-                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        return Err(bad_chunk());
-                    }
-                    let size = u64::from_str_radix(digits, 16).map_err(|_| bad_chunk())?;
-                    *self = if size == 0 {
-                        Chunked::Trailers(HeaderMap::new())
-                    } else {
-                        Chunked::Data(size)
-                    };
-                }
-                Chunked::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::More);
-                    }
-                    let n = (*left).min(buf.len() as u64);
-                    let data = buf.split_to(n as usize).freeze();
-                    *left -= n;
-                    if *left == 0 {
-                        *self = Chunked::DataEnd;
-                    }
-                    return Ok(Decoded::Data(data));
-                }
-                Chunked::DataEnd => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(Decoded::More);
-                    };
-                    if !line.is_empty() {
-                        return Err(bad_chunk());
-                    }
-                    *self = Chunked::Size;
-                }
-                Chunked::Trailers(fields) => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(Decoded::More);
-                    };
-                    if line.is_empty() {
-                        let fields = std::mem::take(fields);
-                        *self = Chunked::End;
-                        if !fields.is_empty() {
-                            return Ok(Decoded::Trailers(fields));
-                        }
-                    } else if let Some((name, value)) = trailer_field(&line) {
-                        fields.append(name, value);
-                    }
-                }
-                Chunked::End => return Ok(Decoded::End),
-            }
-        }
-    }
-}
-
-/// A `name: value` trailer line; fields that are not valid are dropped.
-fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-    let colon = line.iter().position(|&b| b == b':')?;
-    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
-    let value = line[colon + 1..].trim_ascii();
-    Some((name, HeaderValue::from_bytes(value).ok()?))
-}
-
-/// One line (without its CRLF, or a bare LF) from the front of `buf`.
-fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(i) => {
-            let mut line = buf.split_to(i + 1);
-            line.truncate(i);
-            if line.last() == Some(&b'\r') {
-                line.truncate(i - 1);
-            }
-            Ok(Some(line))
-        }
-        None if buf.len() > 4096 => Err(bad_chunk()),
-        None => Ok(None),
-    }
-}
-
-fn bad_chunk() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        "malformed chunked body from the backend",
-    )
 }
 
 /// A backend's response body, read from its connection as it is polled.
@@ -778,58 +493,6 @@ impl<R: Reuse> http_body::Body for Body<R> {
 mod tests {
     use super::*;
     use http::header::CONNECTION;
-
-    /// The body, the trailers and what was left in the buffer.
-    fn decode_all(input: &[u8], step: usize) -> io::Result<(Vec<u8>, HeaderMap, BytesMut)> {
-        let mut decoder = Chunked::default();
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut trailers = HeaderMap::new();
-        let mut fed = 0;
-        loop {
-            match decoder.decode(&mut buf)? {
-                Decoded::Data(d) => out.extend_from_slice(&d),
-                Decoded::Trailers(t) => trailers = t,
-                Decoded::End => return Ok((out, trailers, buf)),
-                Decoded::More => {
-                    if fed == input.len() {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    let end = (fed + step).min(input.len());
-                    buf.extend_from_slice(&input[fed..end]);
-                    fed = end;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_whatever_the_reads_split() {
-        let input = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer:  1 \r\n\r\nNEXT";
-        for step in [1, 2, 3, 7, input.len()] {
-            let (body, trailers, rest) = decode_all(input, step).unwrap();
-            assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
-            assert_eq!(trailers["x-trailer"], "1", "step {step}");
-            // What follows the body stays for the connection (here: a broken backend's extra bytes).
-            assert!(b"NEXT".starts_with(&rest), "step {step}");
-        }
-    }
-
-    #[test]
-    fn malformed_chunks_are_errors() {
-        for bad in [
-            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
-            b"+5\r\nhello\r\n0\r\n\r\n",
-            b"5\r\nhelloXX0\r\n\r\n",
-            b"\r\n",
-        ] {
-            assert!(
-                decode_all(bad, 1).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
 
     #[test]
     fn response_heads_parse_across_reads_and_skip_nothing() {

@@ -116,6 +116,9 @@ pub fn client_ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header value")
 }
 
+/// How many fields `add_forwarded` may add, for maps built with room for them.
+pub const ADDED_FIELDS: usize = 3;
+
 /// Adds `X-Forwarded-For` (appending the client's address to any list the
 /// client sent), and sets `X-Forwarded-Proto` and `X-Forwarded-Host` (what the
 /// client sent as Host, port included). bascule is the edge: a client's own

@@ -7,7 +7,6 @@ pub mod hash_key;
 pub mod headers;
 pub mod pool;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,9 +15,6 @@ use http::header::{HeaderValue, CONTENT_TYPE, HOST};
 use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLogger, RequestLine};
@@ -26,9 +22,10 @@ use crate::backend::InFlight;
 use crate::client_io::{Activity, Busy};
 use crate::config::Balance;
 use crate::health;
+use crate::http1::serve::PendingUpgrade;
 use crate::state::{ListenerRoutes, Snapshot, State};
 use crate::upstream::Upstream;
-pub use body::{Exchange, ProxyBody};
+pub use body::{ClientBody, Exchange, ProxyBody};
 pub use error::ProxyError;
 use pool::{BackendBody, OutBody, SendError};
 
@@ -49,58 +46,65 @@ pub struct ConnContext {
 }
 
 /// Serves one request. Never fails: every failure becomes a reply with a status.
-pub async fn serve(
+///
+/// Not an async fn: an async block keeps its captures in place, where an async
+/// fn would also keep a moved-from copy of the request, in a future made for
+/// every request.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
     cx: Arc<ConnContext>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let log = cx.access_log.as_ref().map(|l| {
-        (
-            l.clone(),
-            Box::new(RequestLine::capture(&req, cx.peer.ip())),
-        )
-    });
-    let mut ex = Exchange::new(cx.activity.begin(), log);
-    let snapshot = cx.state.load();
-    // None: the listener was removed by a reload; its connections drain with 404s.
-    let listener = snapshot.listener(cx.listener);
-    if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
-        let mut resp = local_reply(
-            StatusCode::MOVED_PERMANENTLY,
-            Bytes::from_static(b"301 Moved Permanently: use https\n"),
-            ex,
-        );
-        resp.headers_mut().insert(http::header::LOCATION, location);
-        return Ok(resp);
-    }
-    match forward(&cx, &snapshot, listener, req, &mut ex).await {
-        Ok(resp) => {
-            ex.status = resp.status().as_u16();
-            Ok(resp.map(|body| ProxyBody::backend(body, ex)))
+    req: Request<ClientBody>,
+) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    async move {
+        let log = cx.access_log.as_ref().map(|l| {
+            (
+                l.clone(),
+                Box::new(RequestLine::capture(&req, cx.peer.ip())),
+            )
+        });
+        let mut ex = Exchange::new(cx.activity.begin(), log);
+        let snapshot = cx.state.load();
+        // None: the listener was removed by a reload; its connections drain with 404s.
+        let listener = snapshot.listener(cx.listener);
+        if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
+            let mut resp = local_reply(
+                StatusCode::MOVED_PERMANENTLY,
+                Bytes::from_static(b"301 Moved Permanently: use https\n"),
+                ex,
+            );
+            resp.headers_mut().insert(http::header::LOCATION, location);
+            return resp;
         }
-        Err(e) => {
-            let backend = ex
-                .upstream
-                .as_ref()
-                .zip(ex.backend)
-                .map(|(u, b)| &u.backends[b].address);
-            match e {
-                ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => {
-                    tracing::debug!(peer = %cx.peer, "{e}")
-                }
-                _ => tracing::warn!(
-                    upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
-                    backend = backend.map(String::as_str),
-                    "{e}"
-                ),
+        match forward(&cx, &snapshot, listener, req, &mut ex).await {
+            Ok(resp) => {
+                ex.status = resp.status().as_u16();
+                resp.map(|body| ProxyBody::backend(body, ex))
             }
-            Ok(reply(e, ex))
+            Err(e) => {
+                let backend = ex
+                    .upstream
+                    .as_ref()
+                    .zip(ex.backend)
+                    .map(|(u, b)| &u.backends[b].address);
+                match e {
+                    ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => {
+                        tracing::debug!(peer = %cx.peer, "{e}")
+                    }
+                    _ => tracing::warn!(
+                        upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
+                        backend = backend.map(String::as_str),
+                        "{e}"
+                    ),
+                }
+                reply(e, ex)
+            }
         }
     }
 }
 
 /// On a `redirect_https` listener: `https://HOST/PATH?QUERY`, the client's host
 /// without its port.
-fn https_redirect(listener: &ListenerRoutes, req: &Request<Incoming>) -> Option<HeaderValue> {
+fn https_redirect<B>(listener: &ListenerRoutes, req: &Request<B>) -> Option<HeaderValue> {
     if !listener.config.redirect_https {
         return None;
     }
@@ -141,7 +145,7 @@ async fn forward(
     cx: &ConnContext,
     snapshot: &Snapshot,
     listener: Option<&ListenerRoutes>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     ex: &mut Exchange,
 ) -> Result<Response<BackendBody>, ProxyError> {
     if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
@@ -172,7 +176,9 @@ async fn forward(
         .and_then(|sticky| sticky.pinned(&upstream.name, &req));
     // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
     let upgrade = headers::upgrade_protocol(req.headers());
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
 
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(HOST) {
@@ -320,11 +326,12 @@ async fn send_with_retries(
 /// One first attempt and at most this many minus one retries.
 const MAX_ATTEMPTS: usize = 11;
 
-/// The head-size limit given to hyper for a configured `max_header_bytes`.
+/// The head-size limit the connection enforces for a configured `max_header_bytes`.
 ///
-/// hyper answers an oversized head itself, with a bare 431 and no body. Its
-/// limit is set above ours, so that heads between the two reach `forward` and
-/// get bascule's 431 with a body; only grossly oversized heads meet hyper's.
+/// The connection refuses a longer head itself, before any of it is parsed.
+/// Its limit is set above ours, so that heads between the two reach `forward`
+/// and get the proxy's 431, counted and logged like any reply; only grossly
+/// oversized heads meet the connection's.
 pub fn head_limit(max_header_bytes: usize) -> usize {
     max_header_bytes
         .saturating_mul(2)
@@ -341,19 +348,22 @@ fn head_size<B>(req: &Request<B>) -> usize {
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either
-/// side closes, starting with what the backend sent after its 101. The backend
+/// side closes, starting with what each sent after its head. The backend
 /// counts the tunnel as a request in flight for as long as it is open.
 async fn tunnel(
-    client: OnUpgrade,
+    client: PendingUpgrade,
     (mut backend, early): (h1::Stream, Bytes),
     _held: (Option<InFlight>, Busy),
 ) {
     use tokio::io::AsyncWriteExt;
-    let mut client = match client.await {
-        Ok(client) => TokioIo::new(client),
-        Err(e) => return tracing::debug!("upgrade failed: {e}"),
+    let Some((mut client, client_early)) = client.upgraded().await else {
+        return tracing::debug!("upgrade failed: the 101 did not reach the client");
     };
-    if let Err(e) = client.write_all(&early).await {
+    let early = async {
+        client.write_all(&early).await?;
+        backend.write_all(&client_early).await
+    };
+    if let Err(e) = early.await {
         return tracing::debug!("tunnel closed: {e}");
     }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {

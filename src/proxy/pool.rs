@@ -65,7 +65,7 @@ pub enum SendError {
 }
 
 /// What goes to a backend: the client's body, or nothing for a request sent again.
-pub type OutBody = Either<Incoming, Empty<Bytes>>;
+pub type OutBody = Either<super::ClientBody, Empty<Bytes>>;
 
 /// What comes back: an HTTP/1.1 body read in the request's task, or an HTTP/2 stream's.
 pub type BackendBody = Either<h1::Body<Return>, Incoming>;

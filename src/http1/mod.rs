@@ -1,0 +1,591 @@
+//! HTTP/1.1 on the wire, for both of bascule's sides: what the client
+//! connections (`serve.rs`) and the backend connections (`proxy/h1.rs`) share.
+//! The fields that frame a message, the chunked decoder, and the writer that
+//! sends a body with its framing.
+
+pub mod serve;
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+use http_body::Body;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a message's `Transfer-Encoding` and `Content-Length` fields say about
+/// its body, read while parsing. `Transfer-Encoding` is hop-by-hop and stays
+/// out of the map; beside it `Content-Length` is removed too (RFC 9112 §6.3):
+/// the body passed on is the decoded one.
+#[derive(Debug, Default)]
+pub struct BodyFields {
+    /// Whether the last coding of the last `Transfer-Encoding` field is
+    /// `chunked`, if there is one.
+    pub chunked: Option<bool>,
+    pub content_length: Option<u64>,
+    /// A `Content-Length` that is not a number, or copies that disagree.
+    pub bad_length: bool,
+}
+
+impl BodyFields {
+    pub fn add_transfer_encoding(&mut self, value: &[u8]) {
+        let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
+
+    pub fn add_content_length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok());
+            match n {
+                Some(n) if self.content_length.is_none_or(|l| l == n) => {
+                    self.content_length = Some(n)
+                }
+                _ => self.bad_length = true,
+            }
+        }
+    }
+}
+
+/// What a message's `Connection` fields say about its connection. The fields
+/// themselves reach the map only when they also name other fields, for
+/// `headers::strip_hop_by_hop` to remove: the usual `Connection: keep-alive`
+/// costs a map entry, a lookup and a removal otherwise.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    /// Adds one field value's tokens; false if it names anything else.
+    pub fn add(&mut self, value: &[u8]) -> bool {
+        let mut only_ours = true;
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() {
+                only_ours = false;
+            }
+        }
+        only_ours
+    }
+}
+
+/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told `keep-alive`.
+pub fn keeps_alive(version: Version, connection: ConnectionTokens) -> bool {
+    match version {
+        Version::HTTP_11 => !connection.close,
+        _ => connection.keep_alive,
+    }
+}
+
+/// The most header fields in a head, as hyper's default.
+pub const MAX_HEADERS: usize = 100;
+
+/// Where each field of a parsed head lies in its buffer, taken while httparse
+/// still borrows the buffer, so that the values can share its memory once it is frozen.
+pub struct FieldSpans {
+    spans: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+}
+
+/// A head's fields: the map, and what the framing and connection fields said.
+pub struct Fields {
+    pub headers: HeaderMap,
+    pub connection: ConnectionTokens,
+    pub body: BodyFields,
+}
+
+impl FieldSpans {
+    pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        for (slot, h) in spans.iter_mut().zip(headers) {
+            *slot = (
+                (h.name.as_ptr() as usize - base) as u32,
+                h.name.len() as u32,
+                (h.value.as_ptr() as usize - base) as u32,
+                h.value.len() as u32,
+            );
+        }
+        FieldSpans {
+            spans,
+            count: headers.len().min(MAX_HEADERS),
+        }
+    }
+
+    /// The fields of `head` (the buffer these spans were taken from, frozen),
+    /// in a map with room for `room` more. `Connection` reaches the map only
+    /// when it names other fields, `Transfer-Encoding` never; `Content-Length`
+    /// leaves it beside `Transfer-Encoding` (RFC 9112 §6.3). `each` sees every
+    /// field that enters the map.
+    pub fn fields(
+        &self,
+        head: &Bytes,
+        room: usize,
+        mut each: impl FnMut(&[u8], &[u8]),
+    ) -> Result<Fields, InvalidField> {
+        let mut fields = Fields {
+            headers: HeaderMap::with_capacity(self.count + room),
+            connection: ConnectionTokens::default(),
+            body: BodyFields::default(),
+        };
+        for &(n, nl, v, vl) in &self.spans[..self.count] {
+            let name = &head[n as usize..(n + nl) as usize];
+            let raw = &head[v as usize..(v + vl) as usize];
+            if name.eq_ignore_ascii_case(b"connection") && fields.connection.add(raw) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                fields.body.add_transfer_encoding(raw);
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                fields.body.add_content_length(raw);
+            }
+            each(name, raw);
+            let name = HeaderName::from_bytes(name).map_err(|_| InvalidField)?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
+                .map_err(|_| InvalidField)?;
+            fields.headers.append(name, value);
+        }
+        if fields.body.chunked.is_some() && fields.body.content_length.is_some() {
+            fields.headers.remove(http::header::CONTENT_LENGTH);
+        }
+        Ok(fields)
+    }
+}
+
+/// A field name or value that HTTP does not allow.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed header field")]
+pub struct InvalidField;
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Default)]
+pub enum Chunked {
+    /// Reading a chunk-size line (with any extensions).
+    #[default]
+    Size,
+    /// This many bytes of chunk data left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer fields, up to the empty line.
+    Trailers(HeaderMap),
+    End,
+}
+
+/// What the decoder found at the front of the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The trailer fields, the body's last frame.
+    Trailers(HeaderMap),
+    /// Needs more bytes.
+    More,
+    End,
+}
+
+impl Chunked {
+    /// Decodes from the front of `buf`, consuming what it used.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
+        loop {
+            match self {
+                Chunked::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::More);
+                    };
+                    let digits = line[..].split(|&b| b == b';').next().unwrap_or(&[]);
+                    let digits = std::str::from_utf8(digits)
+                        .map_err(|_| bad_chunk())?
+                        .trim_matches([' ', '\t']);
+                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(bad_chunk());
+                    }
+                    let size = u64::from_str_radix(digits, 16).map_err(|_| bad_chunk())?;
+                    *self = if size == 0 {
+                        Chunked::Trailers(HeaderMap::new())
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let n = (*left).min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    *left -= n;
+                    if *left == 0 {
+                        *self = Chunked::DataEnd;
+                    }
+                    return Ok(Decoded::Data(data));
+                }
+                Chunked::DataEnd => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::More);
+                    };
+                    if !line.is_empty() {
+                        return Err(bad_chunk());
+                    }
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers(fields) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::More);
+                    };
+                    if line.is_empty() {
+                        let fields = std::mem::take(fields);
+                        *self = Chunked::End;
+                        if !fields.is_empty() {
+                            return Ok(Decoded::Trailers(fields));
+                        }
+                    } else if let Some((name, value)) = trailer_field(&line) {
+                        fields.append(name, value);
+                    }
+                }
+                Chunked::End => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// A `name: value` trailer line; fields that are not valid are dropped.
+fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+    let value = line[colon + 1..].trim_ascii();
+    Some((name, HeaderValue::from_bytes(value).ok()?))
+}
+
+/// One line (without its CRLF, or a bare LF) from the front of `buf`.
+fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > 4096 => Err(bad_chunk()),
+        None => Ok(None),
+    }
+}
+
+fn bad_chunk() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body")
+}
+
+/// Frames and small data gathered into one write: below this, a copy costs
+/// less than another system call.
+pub(crate) const GATHER: usize = 16 * 1024;
+
+/// A message on its way out: what is left of its head, then its body framed
+/// as the head said (as it is, or chunked). Small frames are gathered into one
+/// write with the head; a large frame is written as it came, without a copy.
+pub struct Outgoing<B> {
+    body: Option<B>,
+    chunked: bool,
+    /// Whether trailer fields may go out (chunked, and the receiver said `TE: trailers`).
+    trailers: bool,
+    /// For a body framed by `Content-Length`: what it may still send.
+    remaining: Option<u64>,
+    /// Bytes to write first: the head, framing, small frames.
+    front: BytesMut,
+    /// A large frame, written after `front`.
+    back: Bytes,
+    /// The CRLF that ends a chunk held in `back`.
+    crlf_owed: bool,
+}
+
+impl<B> Outgoing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// `head` is written first. A body of known length (`remaining`) that sends
+    /// more or less than that is an error: the receiver would misread what follows.
+    pub fn new(head: BytesMut, body: Option<B>, chunked: bool, remaining: Option<u64>) -> Self {
+        Outgoing {
+            body,
+            chunked,
+            trailers: false,
+            remaining: remaining.filter(|_| !chunked),
+            front: head,
+            back: Bytes::new(),
+            crlf_owed: false,
+        }
+    }
+
+    pub fn with_trailers(mut self, allowed: bool) -> Self {
+        self.trailers = allowed && self.chunked;
+        self
+    }
+
+    /// Whether the body has ended and everything has been written.
+    pub fn is_done(&self) -> bool {
+        self.body.is_none() && self.front.is_empty() && self.back.is_empty()
+    }
+
+    /// Writes what it can; ready once the whole message is written and flushed.
+    pub fn poll_send<W>(&mut self, cx: &mut Context<'_>, io: &mut W) -> Poll<io::Result<()>>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            while self.back.is_empty() && self.front.len() < GATHER {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => self.push(data)?,
+                        Err(frame) => self.end(frame.into_trailers().ok())?,
+                    },
+                    Poll::Ready(None) => self.end(None)?,
+                    // The body broke off: the receiver must not take it as whole.
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+                }
+            }
+            if self.front.is_empty() && self.back.is_empty() {
+                // TLS holds written bytes until flushed; a plain socket's flush does nothing.
+                ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                return match self.body {
+                    Some(_) => Poll::Pending, // the body's waker is registered
+                    None => Poll::Ready(Ok(())),
+                };
+            }
+            let n = if self.front.is_empty() {
+                ready!(Pin::new(&mut *io).poll_write(cx, &self.back))?
+            } else if self.back.is_empty() {
+                ready!(Pin::new(&mut *io).poll_write(cx, &self.front))?
+            } else {
+                let both = [io::IoSlice::new(&self.front), io::IoSlice::new(&self.back)];
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &both))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let from_front = n.min(self.front.len());
+            self.front.advance(from_front);
+            self.back.advance(n - from_front);
+        }
+    }
+
+    fn push(&mut self, data: Bytes) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if let Some(left) = self.remaining.as_mut() {
+            *left = left
+                .checked_sub(data.len() as u64)
+                .ok_or_else(|| io::Error::other("body longer than its Content-Length"))?;
+        }
+        if self.crlf_owed {
+            self.front.extend_from_slice(b"\r\n");
+            self.crlf_owed = false;
+        }
+        if self.chunked {
+            push_hex(&mut self.front, data.len());
+            self.front.extend_from_slice(b"\r\n");
+        }
+        if self.front.len() + data.len() <= GATHER {
+            self.front.extend_from_slice(&data);
+            if self.chunked {
+                self.front.extend_from_slice(b"\r\n");
+            }
+        } else {
+            self.back = data;
+            self.crlf_owed = self.chunked;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, trailers: Option<HeaderMap>) -> io::Result<()> {
+        self.body = None;
+        if self.remaining.is_some_and(|left| left > 0) {
+            return Err(io::Error::other("body shorter than its Content-Length"));
+        }
+        if self.crlf_owed {
+            self.front.extend_from_slice(b"\r\n");
+            self.crlf_owed = false;
+        }
+        if !self.chunked {
+            return Ok(());
+        }
+        self.front.extend_from_slice(b"0\r\n");
+        if let Some(fields) = trailers.filter(|_| self.trailers) {
+            for (name, value) in &fields {
+                self.front.extend_from_slice(name.as_str().as_bytes());
+                self.front.extend_from_slice(b": ");
+                self.front.extend_from_slice(value.as_bytes());
+                self.front.extend_from_slice(b"\r\n");
+            }
+        }
+        self.front.extend_from_slice(b"\r\n");
+        Ok(())
+    }
+}
+
+/// `n` in hexadecimal, as a chunk size.
+fn push_hex(out: &mut BytesMut, n: usize) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Frame;
+
+    /// The body, the trailers and what was left in the buffer.
+    fn decode_all(input: &[u8], step: usize) -> io::Result<(Vec<u8>, HeaderMap, BytesMut)> {
+        let mut decoder = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut trailers = HeaderMap::new();
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buf)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::Trailers(t) => trailers = t,
+                Decoded::End => return Ok((out, trailers, buf)),
+                Decoded::More => {
+                    if fed == input.len() {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let end = (fed + step).min(input.len());
+                    buf.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads_split() {
+        let input = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer:  1 \r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, input.len()] {
+            let (body, trailers, rest) = decode_all(input, step).unwrap();
+            assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert_eq!(trailers["x-trailer"], "1", "step {step}");
+            // What follows the body stays for the connection (a next message, or a broken peer's extra bytes).
+            assert!(b"NEXT".starts_with(&rest), "step {step}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"\r\n",
+        ] {
+            assert!(
+                decode_all(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// A body that hands out its frames, all ready.
+    struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, io::Error>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    fn data(text: &[u8]) -> Result<Frame<Bytes>, io::Error> {
+        Ok(Frame::data(Bytes::copy_from_slice(text)))
+    }
+
+    /// Everything an `Outgoing` writes for these frames, or its error.
+    fn written(
+        frames: Vec<Result<Frame<Bytes>, io::Error>>,
+        chunked: bool,
+        length: Option<u64>,
+    ) -> io::Result<Vec<u8>> {
+        let body = Frames(frames.into());
+        let head = BytesMut::from(&b"HEAD\r\n"[..]);
+        let mut out = Outgoing::new(head, Some(body), chunked, length).with_trailers(true);
+        let mut sink = Vec::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match out.poll_send(&mut cx, &mut sink) {
+            Poll::Ready(r) => r.map(|()| sink),
+            Poll::Pending => panic!("a body whose frames are all ready is written at once"),
+        }
+    }
+
+    #[test]
+    fn bodies_go_out_framed_small_frames_gathered_large_ones_whole() {
+        let large = vec![b'x'; GATHER + 1];
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        let out = written(
+            vec![
+                data(b"hello"),
+                data(b""),
+                data(&large),
+                Ok(Frame::trailers(trailers)),
+            ],
+            true,
+            None,
+        )
+        .unwrap();
+        let mut expected = b"HEAD\r\n5\r\nhello\r\n4001\r\n".to_vec();
+        expected.extend_from_slice(&large);
+        expected.extend_from_slice(b"\r\n0\r\nx-sum: 7\r\n\r\n");
+        assert_eq!(out, expected);
+
+        let out = written(vec![data(b"hel"), data(b"lo")], false, Some(5)).unwrap();
+        assert_eq!(out, b"HEAD\r\nhello");
+    }
+
+    #[test]
+    fn a_body_that_breaks_its_length_or_breaks_off_is_an_error() {
+        assert!(written(vec![data(b"hello!")], false, Some(5)).is_err());
+        assert!(written(vec![data(b"hell")], false, Some(5)).is_err());
+        let broken = vec![data(b"he"), Err(io::ErrorKind::ConnectionReset.into())];
+        assert!(written(broken, true, None).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes_are_hexadecimal() {
+        for (n, text) in [(0, "0"), (9, "9"), (10, "a"), (255, "ff"), (4096, "1000")] {
+            let mut out = BytesMut::new();
+            push_hex(&mut out, n);
+            assert_eq!(&out[..], text.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! HTTP/1.1 from clients: a connection's requests read, handed to the proxy,
+//! and their replies written, all in the connection's own task.
+//!
+//! Why not hyper's server: its connection keeps a dispatcher, a codec and
+//! buffers for its whole life, hands each request body over through a channel
+//! even when there is none, and needs the socket taken apart and rebuilt to
+//! drop its buffers between requests. Here a keep-alive request costs fewer
+//! instructions (README, Performance), and a connection between requests holds
+//! no buffer at all: the next request's first bytes are read onto the stack,
+//! and only what arrived is kept.
+//!
+//! Timeouts are kept apart, as NGINX keeps them: a connection waiting for the
+//! first byte of a request is closed after `keepalive`; once a head has begun
+//! it must be complete within `header_read`.
+//!
+//! A request body is read from the socket as the proxy asks for it (a
+//! `RequestBody` is the proxy's end of that), so that an upload streams at the
+//! backend's pace; `Expect: 100-continue` is answered when the body is first
+//! asked for. A request whose body was not read to its end closes the
+//! connection after its reply, since what follows on the socket is not a request.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, DATE};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::{keeps_alive, Chunked, Decoded, FieldSpans, Fields, Outgoing, MAX_HEADERS};
+use crate::proxy::{self, ClientBody, ConnContext, ProxyBody};
+
+/// What a connection holding no buffer reads at once: a usual request head fits.
+const FIRST_READ: usize = 4096;
+/// Room made in the buffer before each further read.
+const READ_CHUNK: usize = 8 * 1024;
+/// The most read at once for a large upload.
+const READ_MAX: usize = 64 * 1024;
+/// How long a closing TLS connection may take to send its close_notify.
+const CLOSE_NOTIFY: Duration = Duration::from_secs(1);
+
+/// The first bytes of HTTP/2's connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// What a listener's configuration says about each of its HTTP/1 connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub keepalive: Duration,
+    pub header_read: Duration,
+    /// The most bytes a request head may take; beyond it, 431.
+    pub head: usize,
+}
+
+/// A client connection's stream, plain or TLS.
+pub trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ClientStream for T {}
+
+/// An upgraded client connection, and the bytes it sent after its request head.
+pub type Upgraded = (Box<dyn ClientStream>, Bytes);
+
+/// In an upgrade request's extensions: the connection comes through it once
+/// the 101 reply is written. (Extensions must be `Clone`: the first to take
+/// the receiver has it.)
+#[derive(Clone)]
+pub struct PendingUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl PendingUpgrade {
+    /// The upgraded connection, once the 101 is written; `None` if it never was.
+    pub async fn upgraded(self) -> Option<Upgraded> {
+        let rx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        rx.await.ok()
+    }
+}
+
+/// Serves HTTP/1.1 (and 1.0) requests on `io` until the client or a timeout
+/// ends the connection, or `stop` is cancelled while it is idle. With
+/// `http2`, a connection that opens with HTTP/2's preface (prior knowledge)
+/// is handed to the task it makes.
+///
+/// Not an async fn: an async block keeps its captures in place, where an async
+/// fn would also keep a moved-from copy of every argument, and this future is
+/// most of what an idle connection costs.
+pub fn serve<S: ClientStream, H>(
+    mut io: S,
+    cx: Arc<ConnContext>,
+    limits: Limits,
+    stop: CancellationToken,
+    http2: Option<H>,
+) -> impl Future<Output = ()> + Send
+where
+    H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
+{
+    let mut reader = HeadReader {
+        buf: BytesMut::new(),
+        limits,
+        detect_h2: http2.is_some(),
+        // Boxed: the timer is larger than the rest of an idle connection's state.
+        timer: Box::pin(tokio::time::sleep(limits.keepalive)),
+        armed: None,
+        waiting_since: None,
+        stopped: Box::pin(stop.clone().cancelled_owned()),
+        stop,
+    };
+    async move {
+        loop {
+            let head = std::future::poll_fn(|task| reader.poll_head(task, &mut io)).await;
+            let head = match head {
+                Ok(Next::Request(head)) => head,
+                Ok(Next::Http2) => {
+                    if let Some(http2) = http2 {
+                        http2(io, reader.buf.split().freeze()).await;
+                    }
+                    return;
+                }
+                Ok(Next::Closed) => return,
+                Err(HeadError::Refused(status, why)) => {
+                    tracing::debug!(peer = %cx.peer, "request refused: {why}");
+                    let reply = refusal(status, why);
+                    let _ = tokio::time::timeout(limits.header_read, io.write_all(&reply)).await;
+                    return;
+                }
+                Err(HeadError::Io(e)) => {
+                    tracing::debug!(peer = %cx.peer, "client connection ended: {e}");
+                    return;
+                }
+            };
+            // Boxed: a request's state is several times an idle connection's,
+            // and lives only while the request does.
+            match Box::pin(exchange(&mut io, &mut reader, &cx, head)).await {
+                After::KeepAlive => reader.between_requests(),
+                After::Close => {
+                    if cx.tls {
+                        let _ = tokio::time::timeout(CLOSE_NOTIFY, io.shutdown()).await;
+                    }
+                    return;
+                }
+                After::Upgrade(tx) => {
+                    let _ = tx.send((Box::new(io), reader.buf.split().freeze()));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What becomes of the connection after an exchange.
+enum After {
+    KeepAlive,
+    Close,
+    /// The 101 is out: the connection goes to the tunnel waiting on the other end.
+    Upgrade(oneshot::Sender<Upgraded>),
+}
+
+/// One request: handed to the proxy, its body read as the proxy asks, and the
+/// reply written.
+fn exchange<'a, S: ClientStream>(
+    io: &'a mut S,
+    reader: &'a mut HeadReader,
+    cx: &'a Arc<ConnContext>,
+    head: Head,
+) -> impl Future<Output = After> + Send + 'a {
+    let Head {
+        mut req,
+        body,
+        mut keep_alive,
+        expect_continue,
+        trailers,
+    } = head;
+    let version = req.version();
+    let head_only = req.method() == Method::HEAD;
+    let (request_body, mut inbound) = match body {
+        None => (RequestBody::empty(), None),
+        Some(framing) => {
+            let pipe = Arc::new(Mutex::new(Pipe::default()));
+            let size = match framing {
+                InFraming::Length(n) => Some(n),
+                InFraming::Chunked(_) => None,
+            };
+            let continue_owed = expect_continue && version == Version::HTTP_11;
+            let inbound = Inbound {
+                pipe: pipe.clone(),
+                framing,
+                continue_left: if continue_owed { CONTINUE } else { b"" },
+                done: false,
+                gone: false,
+            };
+            (RequestBody::new(pipe, size), Some(inbound))
+        }
+    };
+    let upgrade = req.headers().contains_key(http::header::UPGRADE).then(|| {
+        let (tx, rx) = oneshot::channel();
+        req.extensions_mut()
+            .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+        tx
+    });
+    let req = req.map(|()| ClientBody::Http1(request_body));
+    async move {
+        // Made here, not before the block: the block would keep room for it
+        // twice. In a scope of its own, so that the reply's state can reuse its room.
+        let resp = {
+            let mut service = std::pin::pin!(proxy::serve(cx.clone(), req));
+            std::future::poll_fn(|task| {
+                if let Some(inbound) = inbound.as_mut() {
+                    inbound.poll_pump(task, io, &mut reader.buf);
+                }
+                service.as_mut().poll(task)
+            })
+            .await
+        };
+
+        let (parts, body) = resp.into_parts();
+        keep_alive &= !reader.stopping();
+        let (head, framing) = encode_reply_head(&parts, version, head_only, &body, &mut keep_alive);
+        let upgrading = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        drop(parts);
+        let (sent_body, held_body) = match framing {
+            ReplyFraming::None => (None, Some(body)),
+            _ => (Some(body), None),
+        };
+        let length = match framing {
+            ReplyFraming::Length(n) => Some(n),
+            _ => None,
+        };
+        let chunked = framing == ReplyFraming::Chunked;
+        let mut out = Outgoing::new(head, sent_body, chunked, length).with_trailers(trailers);
+        let sent = std::future::poll_fn(|task| {
+            // An HTTP/2 backend may still be taking the upload while its reply streams back.
+            if let Some(inbound) = inbound.as_mut() {
+                inbound.poll_pump(task, io, &mut reader.buf);
+            }
+            out.poll_send(task, io)
+        })
+        .await;
+        // The exchange is accounted for when its body goes: after the last byte is out.
+        drop(out);
+        drop(held_body);
+        if let Err(e) = sent {
+            tracing::debug!(peer = %cx.peer, "client connection ended: {e}");
+            return After::Close;
+        }
+        match upgrade {
+            Some(tx) if upgrading => return After::Upgrade(tx),
+            _ => {}
+        }
+        if !keep_alive || inbound.is_some_and(|i| !i.done) {
+            return After::Close;
+        }
+        After::KeepAlive
+    }
+}
+
+/// A request head as parsed, with what the connection needs to know of it.
+struct Head {
+    req: Request<()>,
+    /// None: the request has no body.
+    body: Option<InFraming>,
+    keep_alive: bool,
+    expect_continue: bool,
+    /// The client said `TE: trailers`: a chunked reply may carry them.
+    trailers: bool,
+}
+
+// Made once per request and taken apart at once: boxing the head would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Request(Head),
+    Http2,
+    Closed,
+}
+
+enum HeadError {
+    /// A reply is owed before the connection closes.
+    Refused(StatusCode, &'static str),
+    Io(io::Error),
+}
+
+impl From<io::Error> for HeadError {
+    fn from(e: io::Error) -> Self {
+        HeadError::Io(e)
+    }
+}
+
+/// Reads request heads: the connection's buffer, its timer, and the stop signal.
+struct HeadReader {
+    /// Bytes read and not yet used; between requests usually empty and unallocated.
+    buf: BytesMut,
+    limits: Limits,
+    detect_h2: bool,
+    timer: Pin<Box<Sleep>>,
+    /// The deadline the timer is set to, when armed.
+    armed: Option<Instant>,
+    /// When the current wait began: for a head not yet begun, the keep-alive
+    /// clock; for one begun, the header-read clock.
+    waiting_since: Option<(Instant, bool)>,
+    stop: CancellationToken,
+    /// `stop`'s cancellation, waited for while idle; kept, so that it registers once.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl HeadReader {
+    /// Whether the server is shutting down: the reply in progress is the connection's last.
+    fn stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// A reply is out and the connection stays: the next head starts afresh.
+    fn between_requests(&mut self) {
+        self.waiting_since = None;
+        self.detect_h2 = false;
+        if self.buf.is_empty() {
+            // An empty buffer may still hold an allocation: dropped while idle.
+            self.buf = BytesMut::new();
+        }
+    }
+
+    fn poll_head<S: AsyncRead + Unpin>(
+        &mut self,
+        task: &mut Context<'_>,
+        io: &mut S,
+    ) -> Poll<Result<Next, HeadError>> {
+        loop {
+            if !self.buf.is_empty() {
+                if self.detect_h2 {
+                    // A preface cut short counts from "PRI" on, which no HTTP/1 method
+                    // begins with; one or two bytes ("P", "PR") could be POST or PUT as well.
+                    let n = self.buf.len().min(H2_PREFACE.len());
+                    if n >= 3 {
+                        if self.buf[..n] == H2_PREFACE[..n] {
+                            return Poll::Ready(Ok(Next::Http2));
+                        }
+                        self.detect_h2 = false;
+                    }
+                }
+                if let Some(head) = parse_request(&mut self.buf)? {
+                    self.armed = None;
+                    return Poll::Ready(Ok(Next::Request(head)));
+                }
+                if self.buf.len() > self.limits.head {
+                    return Poll::Ready(Err(HeadError::Refused(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "the request head is too large",
+                    )));
+                }
+            }
+            match self.poll_read(task, io) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Next::Closed)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => {}
+            }
+            let begun = !self.buf.is_empty();
+            if !begun && self.stopped.as_mut().poll(task).is_ready() {
+                return Poll::Ready(Ok(Next::Closed));
+            }
+            // The clocks start at the first wait, which under load is the only clock read.
+            let since = match self.waiting_since {
+                Some((t, b)) if b == begun => t,
+                _ => {
+                    let now = Instant::now();
+                    self.waiting_since = Some((now, begun));
+                    now
+                }
+            };
+            let deadline = since
+                + if begun {
+                    self.limits.header_read
+                } else {
+                    self.limits.keepalive
+                };
+            if self.armed != Some(deadline) {
+                self.timer.as_mut().reset(deadline);
+                self.armed = Some(deadline);
+            }
+            ready!(self.timer.as_mut().poll(task));
+            let what = if begun {
+                "the request head did not arrive in time"
+            } else {
+                "idle keep-alive connection timed out"
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what).into()));
+        }
+    }
+
+    /// Reads once; 0 is the end. With no buffer held, reads onto the stack and
+    /// keeps only what arrived.
+    fn poll_read<S: AsyncRead + Unpin>(
+        &mut self,
+        task: &mut Context<'_>,
+        io: &mut S,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            let mut storage = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut read = ReadBuf::uninit(&mut storage);
+            ready!(Pin::new(io).poll_read(task, &mut read))?;
+            self.buf.extend_from_slice(read.filled());
+            return Poll::Ready(Ok(read.filled().len()));
+        }
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(io), task, &mut self.buf)
+    }
+}
+
+/// How the request body is framed on the wire.
+enum InFraming {
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// Parses a request head at the front of `buf` and removes it; `None` while
+/// incomplete. Header values share the buffer's memory.
+fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
+    let bad = |why| HeadError::Refused(StatusCode::BAD_REQUEST, why);
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::Refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields",
+            ))
+        }
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Refused(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "only HTTP/1.0 and HTTP/1.1 are served here",
+            ))
+        }
+        Err(_) => return Err(bad("malformed request head")),
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| bad("malformed method"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where the target and each field lie in the buffer, so that they can share it.
+    let base = buf.as_ptr() as usize;
+    let target = parsed.path.unwrap_or_default();
+    let target = (target.as_ptr() as usize - base, target.len());
+    let spans = FieldSpans::of(buf, parsed.headers);
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+        .map_err(|_| bad("malformed request target"))?;
+    let mut expect_continue = false;
+    let mut trailers = false;
+    // With room for the fields the proxy adds: growing the map costs more than filling it.
+    let fields = spans
+        .fields(&head, proxy::headers::ADDED_FIELDS, |name, raw| {
+            if name.eq_ignore_ascii_case(b"expect") {
+                expect_continue |= raw.eq_ignore_ascii_case(b"100-continue");
+            } else if name.eq_ignore_ascii_case(b"te") {
+                trailers |= raw
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            }
+        })
+        .map_err(|_| bad("malformed header field"))?;
+    let Fields {
+        headers,
+        connection,
+        body,
+    } = fields;
+    let mut keep_alive = keeps_alive(version, connection);
+    // RFC 9112 §6.3: a final chunked coding frames the body, and a
+    // Content-Length beside it is dropped; any other coding cannot be framed.
+    let body = match body.chunked {
+        Some(true) => {
+            if body.content_length.is_some() {
+                // A request framed two ways may be an attempt at smuggling: this is its last.
+                keep_alive = false;
+            }
+            Some(InFraming::Chunked(Chunked::default()))
+        }
+        Some(false) => return Err(bad("a request body must end with the chunked coding")),
+        None if body.bad_length => return Err(bad("invalid Content-Length")),
+        None => match body.content_length {
+            None | Some(0) => None,
+            Some(n) => Some(InFraming::Length(n)),
+        },
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(Some(Head {
+        req,
+        body,
+        keep_alive,
+        expect_continue,
+        trailers,
+    }))
+}
+
+/// The interim reply to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Where a request body's frames pass from the connection to the proxy.
+#[derive(Default)]
+struct Pipe {
+    /// A frame read and not yet taken.
+    frame: Option<io::Result<Frame<Bytes>>>,
+    /// No frame follows `frame`.
+    ended: bool,
+    /// The proxy is waiting for a frame.
+    wanted: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    /// The proxy let go of the body.
+    dropped: bool,
+}
+
+fn lock(pipe: &Mutex<Pipe>) -> std::sync::MutexGuard<'_, Pipe> {
+    pipe.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait_on(slot: &mut Option<Waker>, task: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(task.waker()) => {}
+        _ => *slot = Some(task.waker().clone()),
+    }
+}
+
+/// The connection's end of a request body: reads it from the socket as the proxy asks.
+struct Inbound {
+    pipe: Arc<Mutex<Pipe>>,
+    framing: InFraming,
+    /// What is left to write of the 100 Continue owed before the body is read.
+    continue_left: &'static [u8],
+    /// The body has been read to its end.
+    done: bool,
+    /// The proxy let go of it, or it failed: nothing more is read.
+    gone: bool,
+}
+
+impl Inbound {
+    /// Reads the next frame when the proxy wants one and hands it over. A
+    /// failure goes to the proxy (as its upload failing), not to the caller:
+    /// the reply decides what becomes of the connection.
+    fn poll_pump<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        task: &mut Context<'_>,
+        io: &mut S,
+        buf: &mut BytesMut,
+    ) {
+        while !self.done && !self.gone {
+            {
+                let mut pipe = lock(&self.pipe);
+                if pipe.dropped {
+                    self.gone = true;
+                    return;
+                }
+                if pipe.frame.is_some() || !pipe.wanted {
+                    wait_on(&mut pipe.writer, task);
+                    return;
+                }
+            }
+            let frame = if self.continue_left.is_empty() {
+                match self.poll_decode(task, io, buf) {
+                    Poll::Pending => return,
+                    Poll::Ready(frame) => frame,
+                }
+            } else {
+                match Pin::new(&mut *io).poll_write(task, self.continue_left) {
+                    Poll::Pending => return,
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.continue_left = &self.continue_left[n..];
+                        continue;
+                    }
+                    Poll::Ready(Ok(_)) => Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Err(e)) => Err(e),
+                }
+            };
+            let mut pipe = lock(&self.pipe);
+            match frame {
+                Ok(frame) => {
+                    // Trailers are a body's last frame, and the last bytes of a
+                    // length are its end: the proxy need not ask again to learn it.
+                    let last = frame.as_ref().is_none_or(Frame::is_trailers)
+                        || matches!(self.framing, InFraming::Length(0));
+                    pipe.frame = frame.map(Ok);
+                    if last {
+                        pipe.ended = true;
+                        self.done = true;
+                    }
+                }
+                Err(e) => {
+                    pipe.frame = Some(Err(e));
+                    pipe.ended = true;
+                    self.gone = true;
+                }
+            }
+            pipe.wanted = false;
+            if let Some(reader) = pipe.reader.take() {
+                reader.wake();
+            }
+        }
+    }
+
+    /// The next frame of the body from the buffer and the socket; `None` at its end.
+    fn poll_decode<S: AsyncRead + Unpin>(
+        &mut self,
+        task: &mut Context<'_>,
+        io: &mut S,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<Option<Frame<Bytes>>>> {
+        loop {
+            let want = match &mut self.framing {
+                InFraming::Length(0) => return Poll::Ready(Ok(None)),
+                InFraming::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = (*left).min(buf.len() as u64);
+                        *left -= n;
+                        return Poll::Ready(Ok(Some(Frame::data(
+                            buf.split_to(n as usize).freeze(),
+                        ))));
+                    }
+                    (*left).min(READ_MAX as u64) as usize
+                }
+                InFraming::Chunked(decoder) => match decoder.decode(buf)? {
+                    Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
+                    Decoded::Trailers(fields) => {
+                        return Poll::Ready(Ok(Some(Frame::trailers(fields))))
+                    }
+                    Decoded::End => return Poll::Ready(Ok(None)),
+                    Decoded::More => READ_CHUNK,
+                },
+            };
+            buf.reserve(want);
+            if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), task, buf))? == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed the connection mid-body",
+                )));
+            }
+        }
+    }
+}
+
+/// A request body as the proxy sees it: frames read from the client's
+/// connection as they are asked for.
+#[derive(Debug)]
+pub struct RequestBody {
+    pipe: Option<Arc<Mutex<Pipe>>>,
+    /// Its Content-Length, when it has one.
+    size: Option<u64>,
+}
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe").field("ended", &self.ended).finish()
+    }
+}
+
+impl RequestBody {
+    fn empty() -> Self {
+        RequestBody {
+            pipe: None,
+            size: None,
+        }
+    }
+
+    fn new(pipe: Arc<Mutex<Pipe>>, size: Option<u64>) -> Self {
+        RequestBody {
+            pipe: Some(pipe),
+            size,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        task: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let Some(pipe) = &self.pipe else {
+            return Poll::Ready(None);
+        };
+        let mut pipe = lock(pipe);
+        if let Some(frame) = pipe.frame.take() {
+            return Poll::Ready(Some(frame));
+        }
+        if pipe.ended {
+            return Poll::Ready(None);
+        }
+        pipe.wanted = true;
+        wait_on(&mut pipe.reader, task);
+        if let Some(writer) = pipe.writer.take() {
+            writer.wake();
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pipe.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.pipe, self.size) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Some(n)) => SizeHint::with_exact(n),
+            (Some(_), None) => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(pipe) = &self.pipe {
+            let mut pipe = lock(pipe);
+            pipe.dropped = true;
+            if let Some(writer) = pipe.writer.take() {
+                writer.wake();
+            }
+        }
+    }
+}
+
+/// How a reply's body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ReplyFraming {
+    /// No body: HEAD, 1xx, 204, 304.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, a body of unknown length).
+    UntilClose,
+}
+
+/// The reply's status line and fields, and how its body goes out. Adds
+/// `Date` when missing, the framing field the body needs, and `Connection`
+/// when the connection's fate differs from the version's default; a body
+/// that can only end with the connection clears `keep_alive`.
+fn encode_reply_head(
+    parts: &http::response::Parts,
+    version: Version,
+    head_only: bool,
+    body: &ProxyBody,
+    keep_alive: &mut bool,
+) -> (BytesMut, ReplyFraming) {
+    let status = parts.status;
+    let mut add_length = None;
+    let framing = if head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ReplyFraming::None
+    } else if let Some(value) = parts.headers.get(CONTENT_LENGTH) {
+        // A backend's length, checked when its head was read; a body that
+        // breaks it fails the reply rather than misframe the connection.
+        match std::str::from_utf8(value.as_bytes())
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(n) => ReplyFraming::Length(n),
+            None => ReplyFraming::UntilClose,
+        }
+    } else if let Some(n) = body.size_hint().exact() {
+        add_length = Some(n);
+        ReplyFraming::Length(n)
+    } else if version == Version::HTTP_11 {
+        ReplyFraming::Chunked
+    } else {
+        ReplyFraming::UntilClose
+    };
+    if framing == ReplyFraming::UntilClose {
+        *keep_alive = false;
+    }
+    // Room for the fields without a pass over them to measure, and for a
+    // small body, which is gathered into the same write.
+    let small_body = match framing {
+        ReplyFraming::Length(n) if n as usize <= super::GATHER => n as usize,
+        _ => 0,
+    };
+    let mut head = BytesMut::with_capacity(256 + 64 * parts.headers.len() + small_body);
+    if status == StatusCode::OK {
+        head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(status.as_str().as_bytes());
+        head.extend_from_slice(b" ");
+        head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        dated |= name == DATE;
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        head.extend_from_slice(b"date: ");
+        date::push(&mut head);
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = add_length {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(n.to_string().as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if framing == ReplyFraming::Chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        match (version, *keep_alive) {
+            (Version::HTTP_11, false) => head.extend_from_slice(b"connection: close\r\n"),
+            (Version::HTTP_10, true) => head.extend_from_slice(b"connection: keep-alive\r\n"),
+            _ => {}
+        }
+    }
+    head.extend_from_slice(b"\r\n");
+    (head, framing)
+}
+
+/// A reply bascule owes before closing a connection whose request it could not read.
+fn refusal(status: StatusCode, why: &str) -> Vec<u8> {
+    let body = format!(
+        "{} {}: {why}\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut reply = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: ",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    let mut date = BytesMut::new();
+    date::push(&mut date);
+    reply.extend_from_slice(&date);
+    reply.extend_from_slice(b"\r\n\r\n");
+    reply.extend_from_slice(body.as_bytes());
+    reply
+}
+
+/// The `Date` field's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use bytes::BytesMut;
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn push(out: &mut BytesMut) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second || text.is_empty() {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
