@@ -179,8 +179,9 @@ pub enum Chunked {
     Data(u64),
     /// The CRLF after a chunk's data.
     DataEnd,
-    /// Trailer fields, up to the empty line.
-    Trailers(HeaderMap),
+    /// Trailer fields, up to the empty line. Boxed, once there is one: they
+    /// are rare, and every chunked body carries a decoder, moved many times over.
+    Trailers(Option<Box<HeaderMap>>),
     End,
 }
 
@@ -213,7 +214,7 @@ impl Chunked {
                     }
                     let size = u64::from_str_radix(digits, 16).map_err(|_| bad_chunk())?;
                     *self = if size == 0 {
-                        Chunked::Trailers(HeaderMap::new())
+                        Chunked::Trailers(None)
                     } else {
                         Chunked::Data(size)
                     };
@@ -244,13 +245,13 @@ impl Chunked {
                         return Ok(Decoded::More);
                     };
                     if line.is_empty() {
-                        let fields = std::mem::take(fields);
+                        let fields = fields.take();
                         *self = Chunked::End;
-                        if !fields.is_empty() {
-                            return Ok(Decoded::Trailers(fields));
+                        if let Some(fields) = fields {
+                            return Ok(Decoded::Trailers(*fields));
                         }
                     } else if let Some((name, value)) = trailer_field(&line) {
-                        fields.append(name, value);
+                        fields.get_or_insert_default().append(name, value);
                     }
                 }
                 Chunked::End => return Ok(Decoded::End),

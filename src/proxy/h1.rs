@@ -17,6 +17,7 @@
 //! A connection is reused only when both messages were complete and the
 //! response allowed it; a body the client stops reading closes it.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -151,78 +152,87 @@ impl Conn {
     /// Sends `req` and reads the response head; the body is read as the
     /// returned response's body is polled, and the connection is handed to
     /// `reuse` once both messages are complete.
-    pub async fn send<R: Reuse>(
+    ///
+    /// Not an async fn: an async block keeps its captures in place, where an
+    /// async fn would also keep a moved-from copy of the request, in a future
+    /// made, and moved, for every request.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send<R: Reuse>(
         mut self,
         req: Request<OutBody>,
         reuse: R,
-    ) -> Result<Response<Body<R>>, Failure> {
-        let head_only = req.method() == Method::HEAD;
-        let chunked = !req.body().is_end_stream() && !req.headers().contains_key(CONTENT_LENGTH);
-        let head = encode_head(&req, chunked);
-        let written =
-            match std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, &head)).await {
-                Ok(0) => {
-                    return Err(Failure::Unsent(
-                        io::ErrorKind::WriteZero.into(),
-                        Box::new(req),
-                    ))
+    ) -> impl Future<Output = Result<Response<Body<R>>, Failure>> + Send {
+        async move {
+            let head_only = req.method() == Method::HEAD;
+            let chunked =
+                !req.body().is_end_stream() && !req.headers().contains_key(CONTENT_LENGTH);
+            let head = encode_head(&req, chunked);
+            let written =
+                match std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, &head)).await
+                {
+                    Ok(0) => {
+                        return Err(Failure::Unsent(
+                            io::ErrorKind::WriteZero.into(),
+                            Box::new(req),
+                        ))
+                    }
+                    Ok(n) => n,
+                    Err(e) => return Err(Failure::Unsent(e, Box::new(req))),
+                };
+            let (parts, body) = req.into_parts();
+            let bodyless = body.is_end_stream();
+            let mut upload = Outgoing::new(
+                BytesMut::from(&head[written..]),
+                (!bodyless).then_some(body),
+                chunked,
+                None,
+            );
+            let mut got_any = false;
+            let parsed = std::future::poll_fn(|cx| {
+                // The request body goes out while the response is awaited: a backend
+                // may answer (and stop reading) before the upload is over.
+                if let Poll::Ready(Err(e)) = upload.poll_send(cx, &mut self.io) {
+                    return Poll::Ready(Err(e));
                 }
-                Ok(n) => n,
-                Err(e) => return Err(Failure::Unsent(e, Box::new(req))),
+                self.poll_head(cx, &mut got_any)
+            })
+            .await
+            .and_then(|head| Ok((framing(head_only, head.status, &head.body)?, head)));
+            let (framing, parsed) = match parsed {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    let back = bodyless
+                        .then(|| Box::new(Request::from_parts(parts, Either::Right(Empty::new()))));
+                    return Err(if got_any {
+                        Failure::Broken(e, back)
+                    } else {
+                        Failure::Incomplete(e, back)
+                    });
+                }
             };
-        let (parts, body) = req.into_parts();
-        let bodyless = body.is_end_stream();
-        let mut upload = Outgoing::new(
-            BytesMut::from(&head[written..]),
-            (!bodyless).then_some(body),
-            chunked,
-            None,
-        );
-        let mut got_any = false;
-        let parsed = std::future::poll_fn(|cx| {
-            // The request body goes out while the response is awaited: a backend
-            // may answer (and stop reading) before the upload is over.
-            if let Poll::Ready(Err(e)) = upload.poll_send(cx, &mut self.io) {
-                return Poll::Ready(Err(e));
-            }
-            self.poll_head(cx, &mut got_any)
-        })
-        .await
-        .and_then(|head| Ok((framing(head_only, head.status, &head.body)?, head)));
-        let (framing, parsed) = match parsed {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                let back = bodyless
-                    .then(|| Box::new(Request::from_parts(parts, Either::Right(Empty::new()))));
-                return Err(if got_any {
-                    Failure::Broken(e, back)
-                } else {
-                    Failure::Incomplete(e, back)
-                });
-            }
-        };
-        drop(parts);
-        let upload_done = upload.is_done();
-        drop(upload);
+            drop(parts);
+            let upload_done = upload.is_done();
+            drop(upload);
 
-        let mut resp = Response::new(());
-        *resp.status_mut() = parsed.status;
-        *resp.version_mut() = parsed.version;
-        *resp.headers_mut() = parsed.headers;
-        let keep_alive = upload_done
-            && !matches!(framing, Framing::UntilClose | Framing::Upgrade)
-            && keeps_alive(parsed.version, parsed.connection);
-        let mut body = Body {
-            conn: Some(self),
-            framing,
-            keep_alive,
-            reuse: Some(reuse),
-        };
-        if matches!(body.framing, Framing::Done) {
-            // Nothing to read (HEAD, 204, 304, a zero length): free for the next request now.
-            body.finish();
+            let mut resp = Response::new(());
+            *resp.status_mut() = parsed.status;
+            *resp.version_mut() = parsed.version;
+            *resp.headers_mut() = parsed.headers;
+            let keep_alive = upload_done
+                && !matches!(framing, Framing::UntilClose | Framing::Upgrade)
+                && keeps_alive(parsed.version, parsed.connection);
+            let mut body = Body {
+                conn: Some(self),
+                framing,
+                keep_alive,
+                reuse: Some(reuse),
+            };
+            if matches!(body.framing, Framing::Done) {
+                // Nothing to read (HEAD, 204, 304, a zero length): free for the next request now.
+                body.finish();
+            }
+            Ok(resp.map(|()| body))
         }
-        Ok(resp.map(|()| body))
     }
 
     /// Reads until a final (not 1xx, except 101) response head is complete.

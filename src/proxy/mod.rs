@@ -7,6 +7,7 @@ pub mod hash_key;
 pub mod headers;
 pub mod pool;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -141,102 +142,106 @@ fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<Pr
     resp
 }
 
-async fn forward(
-    cx: &ConnContext,
-    snapshot: &Snapshot,
-    listener: Option<&ListenerRoutes>,
+/// Not an async fn, for the reason `serve` gives.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    cx: &'a ConnContext,
+    snapshot: &'a Snapshot,
+    listener: Option<&'a ListenerRoutes>,
     mut req: Request<ClientBody>,
-    ex: &mut Exchange,
-) -> Result<Response<BackendBody>, ProxyError> {
-    if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
-        return Err(ProxyError::BadRequest(
-            "an HTTP/1.1 request needs a Host header",
-        ));
-    }
-    let listener = listener.ok_or(ProxyError::NoRoute)?;
-    if head_size(&req) > listener.config.max_header_bytes {
-        return Err(ProxyError::HeadTooLarge);
-    }
-    let host = request_host(&req);
-    let index = listener
-        .router
-        .route(host, req.uri().path(), req.method())
-        .ok_or(ProxyError::NoRoute)?;
-    let upstream = ex
-        .upstream
-        .insert(snapshot.upstreams[index].clone())
-        .clone();
-    let key = match upstream.balance {
-        Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
-        _ => None,
-    };
-    let pinned = upstream
-        .sticky
-        .as_ref()
-        .and_then(|sticky| sticky.pinned(&upstream.name, &req));
-    // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
-    let upgrade = headers::upgrade_protocol(req.headers());
-    let client_upgrade = upgrade
-        .as_ref()
-        .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
-
-    let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(HOST) {
-        // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
-        if let Some(value) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(HOST, value);
+    ex: &'a mut Exchange,
+) -> impl std::future::Future<Output = Result<Response<BackendBody>, ProxyError>> + Send + 'a {
+    async move {
+        if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs a Host header",
+            ));
         }
-    }
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls);
-    if let Some(protocol) = &upgrade {
-        headers::set_upgrade(&mut parts.headers, protocol.clone());
-    }
-    if parts.uri.path_and_query().is_none() {
-        parts.uri = Uri::from_static("/");
-    }
-    parts.version = Version::HTTP_11;
-    let mut out = Request::from_parts(parts, Either::Left(body));
-    let mut resp = send_with_retries(&upstream, key, pinned, &mut out, ex).await?;
-    if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
-        // A client pinned to the backend that served it needs no new cookie.
-        if pinned != Some(chosen) {
-            let cookie = sticky.set_cookie(&upstream.name, chosen, sticky.ids[chosen], cx.tls);
-            resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+        let listener = listener.ok_or(ProxyError::NoRoute)?;
+        if head_size(&req) > listener.config.max_header_bytes {
+            return Err(ProxyError::HeadTooLarge);
         }
-    }
+        let host = request_host(&req);
+        let index = listener
+            .router
+            .route(host, req.uri().path(), req.method())
+            .ok_or(ProxyError::NoRoute)?;
+        let upstream = ex
+            .upstream
+            .insert(snapshot.upstreams[index].clone())
+            .clone();
+        let key = match upstream.balance {
+            Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
+            _ => None,
+        };
+        let pinned = upstream
+            .sticky
+            .as_ref()
+            .and_then(|sticky| sticky.pinned(&upstream.name, &req));
+        // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
+        let upgrade = headers::upgrade_protocol(req.headers());
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let (Some(client_upgrade), Some(protocol)) = (
-            client_upgrade,
-            resp.headers().get(http::header::UPGRADE).cloned(),
-        ) else {
-            // A switch nobody asked for cannot be carried to the client.
-            return Err(ProxyError::Broken);
-        };
-        let (mut parts, body) = resp.into_parts();
-        // Only HTTP/1.1 switches protocols; an HTTP/2 backend cannot send a 101.
-        let Either::Left(body) = body else {
-            return Err(ProxyError::Broken);
-        };
-        let Some(backend) = body.into_upgraded() else {
-            return Err(ProxyError::Broken);
-        };
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(HOST) {
+            // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
+            if let Some(value) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(HOST, value);
+            }
+        }
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_upgrade(&mut parts.headers, protocol);
-        let in_flight = ex.in_flight.take();
-        // The connection stays busy while the tunnel lives: no keep-alive timeout, no parking.
-        let busy = cx.activity.begin();
-        cx.tunnels
-            .spawn(tunnel(client_upgrade, backend, (in_flight, busy)));
-        return Ok(Response::from_parts(parts, Either::Left(h1::Body::empty())));
+        headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls);
+        if let Some(protocol) = &upgrade {
+            headers::set_upgrade(&mut parts.headers, protocol.clone());
+        }
+        if parts.uri.path_and_query().is_none() {
+            parts.uri = Uri::from_static("/");
+        }
+        parts.version = Version::HTTP_11;
+        let mut out = Request::from_parts(parts, Either::Left(body));
+        let mut resp = send_with_retries(&upstream, key, pinned, &mut out, ex).await?;
+        if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
+            // A client pinned to the backend that served it needs no new cookie.
+            if pinned != Some(chosen) {
+                let cookie = sticky.set_cookie(&upstream.name, chosen, sticky.ids[chosen], cx.tls);
+                resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+            }
+        }
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_upgrade), Some(protocol)) = (
+                client_upgrade,
+                resp.headers().get(http::header::UPGRADE).cloned(),
+            ) else {
+                // A switch nobody asked for cannot be carried to the client.
+                return Err(ProxyError::Broken);
+            };
+            let (mut parts, body) = resp.into_parts();
+            // Only HTTP/1.1 switches protocols; an HTTP/2 backend cannot send a 101.
+            let Either::Left(body) = body else {
+                return Err(ProxyError::Broken);
+            };
+            let Some(backend) = body.into_upgraded() else {
+                return Err(ProxyError::Broken);
+            };
+            headers::strip_hop_by_hop(&mut parts.headers);
+            headers::set_upgrade(&mut parts.headers, protocol);
+            let in_flight = ex.in_flight.take();
+            // The connection stays busy while the tunnel lives: no keep-alive timeout, no parking.
+            let busy = cx.activity.begin();
+            cx.tunnels
+                .spawn(tunnel(client_upgrade, backend, (in_flight, busy)));
+            return Ok(Response::from_parts(parts, Either::Left(h1::Body::empty())));
+        }
+        headers::strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
     }
-    headers::strip_hop_by_hop(resp.headers_mut());
-    Ok(resp)
 }
 
 /// Sends `out` to a backend of `upstream`, and again to others when the first
@@ -290,8 +295,15 @@ async fn send_with_retries(
             .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
 
         let request = std::mem::replace(out, Request::new(Either::Right(Empty::new())));
-        let sent = backend.pool.send(request, replay);
-        let outcome = tokio::time::timeout(upstream.response_timeout, sent).await;
+        // The timer beside the exchange, not wrapped around it: a wrapper
+        // would move the exchange's future, a kilobyte or two, twice over.
+        let mut sent = std::pin::pin!(backend.pool.send(request, replay));
+        let mut deadline = std::pin::pin!(tokio::time::sleep(upstream.response_timeout));
+        let outcome = std::future::poll_fn(|task| match sent.as_mut().poll(task) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Ok(r)),
+            std::task::Poll::Pending => deadline.as_mut().poll(task).map(Err),
+        })
+        .await;
         match outcome {
             Ok(Ok(resp)) => {
                 health::record_exchange(upstream, chosen, !resp.status().is_server_error());

@@ -248,85 +248,97 @@ impl Pool {
     /// to this backend: as is, if it never left, or if it can be replayed and
     /// either the caller asked for `replay` or the connection had been idle
     /// long enough for the backend to have closed it.
-    pub async fn send(
+    ///
+    /// Not an async fn, for the reason `h1::Conn::send` gives.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: &Arc<Self>,
         mut req: Request<OutBody>,
         replay: bool,
-    ) -> Result<Response<BackendBody>, SendError> {
-        loop {
-            let (sender, home, idle_for, reused) = match self.checkout() {
-                Some((sender, home, idle_for)) => (sender, home, idle_for, true),
-                // Boxed: connecting (a TLS handshake above all) needs far more
-                // state than a pooled exchange, and every request's future would
-                // otherwise be that large, to be allocated and copied each time.
-                None => match Box::pin(self.connect()).await {
-                    Ok((sender, home)) => (sender, home, Duration::ZERO, false),
-                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-                },
-            };
-            let stale = reused && idle_for >= STALE_AFTER;
-            let replayable =
-                |back: Option<Box<Request<OutBody>>>| back.filter(|r| is_idempotent(r.method()));
-            let mut h2 = match sender {
-                Sender::Http1(conn) => {
-                    let back = Return {
-                        pool: self.clone(),
-                        home,
-                    };
-                    match conn.send(req, back).await {
-                        Ok(resp) => return Ok(resp.map(Either::Left)),
-                        Err(Failure::Unsent(_, unsent)) if reused => req = *unsent,
-                        Err(Failure::Unsent(e, unsent)) => {
-                            return Err(SendError::Connect(e, unsent))
+    ) -> impl std::future::Future<Output = Result<Response<BackendBody>, SendError>> + Send + '_
+    {
+        async move {
+            loop {
+                let (sender, home, idle_for, reused) = match self.checkout() {
+                    Some((sender, home, idle_for)) => (sender, home, idle_for, true),
+                    // Boxed: connecting (a TLS handshake above all) needs far more
+                    // state than a pooled exchange, and every request's future would
+                    // otherwise be that large, to be allocated and copied each time.
+                    None => match Box::pin(self.connect()).await {
+                        Ok((sender, home)) => (sender, home, Duration::ZERO, false),
+                        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                    },
+                };
+                let stale = reused && idle_for >= STALE_AFTER;
+                let replayable = |back: Option<Box<Request<OutBody>>>| {
+                    back.filter(|r| is_idempotent(r.method()))
+                };
+                let mut h2 = match sender {
+                    Sender::Http1(conn) => {
+                        let back = Return {
+                            pool: self.clone(),
+                            home,
+                        };
+                        match conn.send(req, back).await {
+                            Ok(resp) => return Ok(resp.map(Either::Left)),
+                            Err(Failure::Unsent(_, unsent)) if reused => req = *unsent,
+                            Err(Failure::Unsent(e, unsent)) => {
+                                return Err(SendError::Connect(e, unsent))
+                            }
+                            Err(Failure::Incomplete(e, back)) => match replayable(back) {
+                                Some(again) if reused && (replay || stale) => req = *again,
+                                again => {
+                                    return Err(SendError::Exchange(
+                                        e.into(),
+                                        again.filter(|_| replay),
+                                    ))
+                                }
+                            },
+                            Err(Failure::Broken(e, back)) => {
+                                let again = replayable(back).filter(|_| replay);
+                                return Err(SendError::Exchange(e.into(), again));
+                            }
                         }
-                        Err(Failure::Incomplete(e, back)) => match replayable(back) {
-                            Some(again) if reused && (replay || stale) => req = *again,
+                        continue;
+                    }
+                    Sender::Http2(h2) => h2,
+                };
+                if h2.ready().await.is_err() {
+                    if reused {
+                        continue;
+                    }
+                    return Err(SendError::Connect(
+                        io::ErrorKind::ConnectionReset.into(),
+                        Box::new(req),
+                    ));
+                }
+                // hyper keeps the request once sent: a copy for sending it again.
+                let copy = if replay || stale {
+                    copy_replayable(&req)
+                } else {
+                    None
+                };
+                match h2.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp.map(Either::Right)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        Some(unsent) => {
+                            return Err(SendError::Connect(
+                                io::Error::other(e.into_error()),
+                                Box::new(unsent),
+                            ))
+                        }
+                        None => match copy {
+                            Some(again) if reused && e.error().is_incomplete_message() => {
+                                req = again
+                            }
                             again => {
-                                return Err(SendError::Exchange(e.into(), again.filter(|_| replay)))
+                                let again = again.filter(|_| replay).map(Box::new);
+                                return Err(SendError::Exchange(e.into_error().into(), again));
                             }
                         },
-                        Err(Failure::Broken(e, back)) => {
-                            let again = replayable(back).filter(|_| replay);
-                            return Err(SendError::Exchange(e.into(), again));
-                        }
-                    }
-                    continue;
-                }
-                Sender::Http2(h2) => h2,
-            };
-            if h2.ready().await.is_err() {
-                if reused {
-                    continue;
-                }
-                return Err(SendError::Connect(
-                    io::ErrorKind::ConnectionReset.into(),
-                    Box::new(req),
-                ));
-            }
-            // hyper keeps the request once sent: a copy for sending it again.
-            let copy = if replay || stale {
-                copy_replayable(&req)
-            } else {
-                None
-            };
-            match h2.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(Either::Right)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    Some(unsent) => {
-                        return Err(SendError::Connect(
-                            io::Error::other(e.into_error()),
-                            Box::new(unsent),
-                        ))
-                    }
-                    None => match copy {
-                        Some(again) if reused && e.error().is_incomplete_message() => req = again,
-                        again => {
-                            let again = again.filter(|_| replay).map(Box::new);
-                            return Err(SendError::Exchange(e.into_error().into(), again));
-                        }
                     },
-                },
+                }
             }
         }
     }
