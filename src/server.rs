@@ -493,8 +493,13 @@ impl Worker {
         // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
         // times on the way; a box moves as a pointer, the future itself is 4 KB.
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let reply = proxy::serve(cx.clone(), req.map(proxy::ClientBody::Http2));
-            Box::pin(async move { Ok::<_, std::convert::Infallible>(reply.await) })
+            let cx = cx.clone();
+            // The proxy's future made inside the block: made outside, the block
+            // would keep room for it twice, to be copied into each stream's box.
+            Box::pin(async move {
+                let reply = proxy::serve(cx, req.map(proxy::ClientBody::Http2));
+                Ok::<_, std::convert::Infallible>(reply.await)
+            })
         });
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

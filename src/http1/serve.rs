@@ -174,6 +174,7 @@ fn exchange<'a, S: ClientStream>(
         mut keep_alive,
         expect_continue,
         trailers,
+        upgrade,
     } = head;
     let version = req.version();
     let head_only = req.method() == Method::HEAD;
@@ -196,7 +197,7 @@ fn exchange<'a, S: ClientStream>(
             (RequestBody::new(pipe, size), Some(inbound))
         }
     };
-    let upgrade = req.headers().contains_key(http::header::UPGRADE).then(|| {
+    let upgrade = upgrade.then(|| {
         let (tx, rx) = oneshot::channel();
         req.extensions_mut()
             .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
@@ -267,6 +268,8 @@ struct Head {
     expect_continue: bool,
     /// The client said `TE: trailers`: a chunked reply may carry them.
     trailers: bool,
+    /// It has an `Upgrade` field: the connection may pass to a tunnel.
+    upgrade: bool,
 }
 
 // Made once per request and taken apart at once: boxing the head would cost an allocation.
@@ -459,10 +462,13 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         .map_err(|_| bad("malformed request target"))?;
     let mut expect_continue = false;
     let mut trailers = false;
+    let mut upgrade = false;
     // With room for the fields the proxy adds: growing the map costs more than filling it.
     let fields = spans
         .fields(&head, proxy::headers::ADDED_FIELDS, |name, raw| {
-            if name.eq_ignore_ascii_case(b"expect") {
+            if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = true;
+            } else if name.eq_ignore_ascii_case(b"expect") {
                 expect_continue |= raw.eq_ignore_ascii_case(b"100-continue");
             } else if name.eq_ignore_ascii_case(b"te") {
                 trailers |= raw
@@ -505,6 +511,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         keep_alive,
         expect_continue,
         trailers,
+        upgrade,
     }))
 }
 

@@ -123,7 +123,12 @@ pub const ADDED_FIELDS: usize = 3;
 /// client sent), and sets `X-Forwarded-Proto` and `X-Forwarded-Host` (what the
 /// client sent as Host, port included). bascule is the edge: a client's own
 /// Proto and Host claims are replaced, not trusted.
-pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    tls: bool,
+    host: Option<HeaderValue>,
+) {
     // One lookup for the usual case, a client that sent no list of its own.
     match headers.entry(&X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
@@ -141,7 +146,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool
     }
     let proto = if tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    match headers.get(header::HOST).cloned() {
+    match host {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
@@ -200,13 +205,15 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("host", "example.com:8080"),
         ]);
-        add_forwarded(&mut h, &ip, false);
+        let host = h.get(header::HOST).cloned();
+        add_forwarded(&mut h, &ip, false, host);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com:8080");
 
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, &ip, true);
+        let host = h.get(header::HOST).cloned();
+        add_forwarded(&mut h, &ip, true, host);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert!(!h.contains_key("x-forwarded-host"));

@@ -152,7 +152,9 @@ fn forward<'a>(
     ex: &'a mut Exchange,
 ) -> impl std::future::Future<Output = Result<Response<BackendBody>, ProxyError>> + Send + 'a {
     async move {
-        if req.version() == Version::HTTP_11 && !req.headers().contains_key(HOST) {
+        // Looked up once for all its uses: the check, routing, X-Forwarded-Host.
+        let host_field = req.headers().get(HOST).cloned();
+        if req.version() == Version::HTTP_11 && host_field.is_none() {
             return Err(ProxyError::BadRequest(
                 "an HTTP/1.1 request needs a Host header",
             ));
@@ -161,7 +163,10 @@ fn forward<'a>(
         if head_size(&req) > listener.config.max_header_bytes {
             return Err(ProxyError::HeadTooLarge);
         }
-        let host = request_host(&req);
+        let host = match &host_field {
+            Some(h) => h.to_str().ok(),
+            None => req.uri().authority().map(|a| a.as_str()),
+        };
         let index = listener
             .router
             .route(host, req.uri().path(), req.method())
@@ -185,18 +190,14 @@ fn forward<'a>(
             .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
 
         let (mut parts, body) = req.into_parts();
-        if !parts.headers.contains_key(HOST) {
+        let host_field = host_field.or_else(|| {
             // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
-            if let Some(value) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(HOST, value);
-            }
-        }
+            let value = HeaderValue::from_str(parts.uri.authority()?.as_str()).ok()?;
+            parts.headers.insert(HOST, value.clone());
+            Some(value)
+        });
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls);
+        headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls, host_field);
         if let Some(protocol) = &upgrade {
             headers::set_upgrade(&mut parts.headers, protocol.clone());
         }
