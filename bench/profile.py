@@ -232,7 +232,7 @@ async def idle_tls(d, conns):
         keep = []
         for _ in range(0, conns, 200):
             await asyncio.gather(*[one(keep) for _ in range(200)])
-        time.sleep(2.5)  # connections park 5 ms into their idle wait; freed pages go back after 100 ms
+        time.sleep(2.5)  # freed pages go back to the system after 100 ms
         after = rss_kib(lb.pid)
         print(f"{len(keep)} idle TLS connections: RSS {before} -> {after} KiB, "
               f"{(after - before) / len(keep):.1f} KiB each")

@@ -473,8 +473,7 @@ impl Worker {
         }
     }
 
-    /// HTTP/2, over TLS (ALPN chose it) or with prior knowledge. Not parked:
-    /// hyper's HTTP/2 connection cannot be taken apart between requests.
+    /// HTTP/2, over TLS (ALPN chose it) or with prior knowledge, served by hyper.
     ///
     /// Not an async fn, and the hyper connection is boxed: the connection holds
     /// the socket wrapper (with TLS, over a kilobyte), and an async fn would keep

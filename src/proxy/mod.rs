@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
-use crate::client_io::{Activity, Busy};
+use crate::client_io::Activity;
 use crate::config::Balance;
 use crate::health;
 use crate::http1::serve::PendingUpgrade;
@@ -234,10 +234,7 @@ fn forward<'a>(
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::set_upgrade(&mut parts.headers, protocol);
             let in_flight = ex.in_flight.take();
-            // The connection stays busy while the tunnel lives: no keep-alive timeout, no parking.
-            let busy = cx.activity.begin();
-            cx.tunnels
-                .spawn(tunnel(client_upgrade, backend, (in_flight, busy)));
+            cx.tunnels.spawn(tunnel(client_upgrade, backend, in_flight));
             return Ok(Response::from_parts(parts, Either::Left(h1::Body::empty())));
         }
         headers::strip_hop_by_hop(resp.headers_mut());
@@ -366,7 +363,7 @@ fn head_size<B>(req: &Request<B>) -> usize {
 async fn tunnel(
     client: PendingUpgrade,
     (mut backend, early): (h1::Stream, Bytes),
-    _held: (Option<InFlight>, Busy),
+    _in_flight: Option<InFlight>,
 ) {
     use tokio::io::AsyncWriteExt;
     let Some((mut client, client_early)) = client.upgraded().await else {
