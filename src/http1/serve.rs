@@ -660,6 +660,31 @@ impl Inbound {
     }
 }
 
+impl Drop for Inbound {
+    /// A body the connection stops reading (its reply is out, or the
+    /// connection failed) ends in an error for whoever still reads it: an
+    /// HTTP/2 backend's stream, read in another task, would otherwise wait on
+    /// it for good.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut pipe = lock(&self.pipe);
+        if !pipe.ended {
+            pipe.ended = true;
+            // In place of any frame still waiting: after a frame, the end would
+            // pass the body off as whole.
+            pipe.frame = Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client's connection stopped before its body ended",
+            )));
+            if let Some(reader) = pipe.reader.take() {
+                reader.wake();
+            }
+        }
+    }
+}
+
 /// A request body as the proxy sees it: frames read from the client's
 /// connection as they are asked for.
 #[derive(Debug)]
