@@ -569,6 +569,8 @@ impl Limits {
             http1: http1::serve::Limits {
                 keepalive: listener.keepalive_timeout,
                 header_read: listener.header_read_timeout,
+                body: listener.body_timeout,
+                send: listener.send_timeout,
                 head: proxy::head_limit(listener.max_header_bytes),
             },
         }

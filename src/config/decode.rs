@@ -824,8 +824,13 @@ impl Decoder<'_> {
         let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
             d.integer(n, p, 1024, 1 << 20).map(|v| v as usize)
         });
-        let (mut header_read, mut keepalive) =
-            (Some(Duration::from_secs(10)), Some(Duration::from_secs(60)));
+        let minute = Duration::from_secs(60);
+        let (mut header_read, mut keepalive, mut body, mut send) = (
+            Some(Duration::from_secs(10)),
+            Some(minute),
+            Some(minute),
+            Some(minute),
+        );
         if let Some((n, p)) = f.get("timeouts") {
             if let Some(mut t) = self.fields(n, &p) {
                 header_read = self.optional(
@@ -834,8 +839,9 @@ impl Decoder<'_> {
                     Duration::from_secs(10),
                     Self::duration,
                 );
-                keepalive =
-                    self.optional(&mut t, "keepalive", Duration::from_secs(60), Self::duration);
+                keepalive = self.optional(&mut t, "keepalive", minute, Self::duration);
+                body = self.optional(&mut t, "body", minute, Self::duration);
+                send = self.optional(&mut t, "send", minute, Self::duration);
                 self.finish(t);
             }
         }
@@ -847,6 +853,8 @@ impl Decoder<'_> {
             routes: routes?,
             header_read_timeout: header_read?,
             keepalive_timeout: keepalive?,
+            body_timeout: body?,
+            send_timeout: send?,
             max_header_bytes: max_header_bytes?,
             tls: tls?,
             redirect_https: redirect_https?,

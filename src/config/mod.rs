@@ -56,6 +56,10 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     /// An idle client connection is closed after this. Default 60s.
     pub keepalive_timeout: Duration,
+    /// The longest wait for the next bytes of a request body. Default 60s.
+    pub body_timeout: Duration,
+    /// The longest a reply may wait on a client that does not read it. Default 60s.
+    pub send_timeout: Duration,
     /// A larger request head gets 431. Default 64 KiB.
     pub max_header_bytes: usize,
     /// Terminate TLS here: the certificates, the first the default.

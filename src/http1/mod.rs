@@ -308,6 +308,10 @@ pub struct Outgoing<B> {
     back: Bytes,
     /// The CRLF that ends a chunk held in `back`.
     crlf_owed: bool,
+    /// Bytes written so far.
+    written: u64,
+    /// The last poll ended waiting on the receiver, not on the body.
+    write_blocked: bool,
 }
 
 impl<B> Outgoing<B>
@@ -326,7 +330,19 @@ where
             front: head,
             back: Bytes::new(),
             crlf_owed: false,
+            written: 0,
+            write_blocked: false,
         }
+    }
+
+    /// Bytes written so far: progress, for a caller timing a stalled receiver.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether the last poll ended waiting on the receiver to take bytes.
+    pub fn is_write_blocked(&self) -> bool {
+        self.write_blocked
     }
 
     pub fn with_trailers(mut self, allowed: bool) -> Self {
@@ -357,17 +373,22 @@ where
                     },
                     Poll::Ready(None) => self.end(None)?,
                     // The body broke off: the receiver must not take it as whole.
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(io::Error::other(BodyFailed(e.into()))))
+                    }
                 }
             }
             if self.front.is_empty() && self.back.is_empty() {
                 // TLS holds written bytes until flushed; a plain socket's flush does nothing.
+                self.write_blocked = true;
                 ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                self.write_blocked = false;
                 return match self.body {
                     Some(_) => Poll::Pending, // the body's waker is registered
                     None => Poll::Ready(Ok(())),
                 };
             }
+            self.write_blocked = true;
             let n = if self.front.is_empty() {
                 ready!(Pin::new(&mut *io).poll_write(cx, &self.back))?
             } else if self.back.is_empty() {
@@ -376,6 +397,8 @@ where
                 let both = [io::IoSlice::new(&self.front), io::IoSlice::new(&self.back)];
                 ready!(Pin::new(&mut *io).poll_write_vectored(cx, &both))?
             };
+            self.write_blocked = false;
+            self.written += n as u64;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -437,6 +460,27 @@ where
         }
         self.front.extend_from_slice(b"\r\n");
         Ok(())
+    }
+}
+
+/// What `Outgoing` fails with when the body it sends fails, as distinct from
+/// the connection it writes to: for the proxy, an upload that broke off is the
+/// client's doing, not the backend's.
+#[derive(Debug, thiserror::Error)]
+#[error("the body being sent failed: {0}")]
+pub struct BodyFailed(pub BoxError);
+
+impl BodyFailed {
+    /// The body failure inside `e`, if that is what `e` is.
+    pub fn of(e: &io::Error) -> Option<&BodyFailed> {
+        e.get_ref()?.downcast_ref::<BodyFailed>()
+    }
+
+    /// Whether the body stopped arriving in time (rather than breaking off or being malformed).
+    pub fn timed_out(&self) -> bool {
+        self.0
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
     }
 }
 

@@ -56,6 +56,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 pub struct Limits {
     pub keepalive: Duration,
     pub header_read: Duration,
+    /// The longest wait for the next bytes of a request body.
+    pub body: Duration,
+    /// The longest a reply may wait on a client that does not read it.
+    pub send: Duration,
     /// The most bytes a request head may take; beyond it, 431.
     pub head: usize,
 }
@@ -107,6 +111,7 @@ where
         timer: Box::pin(tokio::time::sleep(limits.keepalive)),
         armed: None,
         waiting_since: None,
+        stalled_since: None,
         stopped: Box::pin(stop.clone().cancelled_owned()),
         stop,
     };
@@ -193,6 +198,7 @@ fn exchange<'a, S: ClientStream>(
                 continue_left: if continue_owed { CONTINUE } else { b"" },
                 done: false,
                 gone: false,
+                delivered: 0,
             };
             (RequestBody::new(pipe, size), Some(inbound))
         }
@@ -211,7 +217,15 @@ fn exchange<'a, S: ClientStream>(
             let mut service = std::pin::pin!(proxy::serve(cx.clone(), req));
             std::future::poll_fn(|task| {
                 if let Some(inbound) = inbound.as_mut() {
-                    inbound.poll_pump(task, io, &mut reader.buf);
+                    let delivered = inbound.delivered;
+                    let waiting = inbound.poll_pump(task, io, &mut reader.buf);
+                    if !waiting || inbound.delivered != delivered {
+                        reader.stalled_since = None;
+                    }
+                    if waiting && reader.poll_stalled(task, reader.limits.body).is_ready() {
+                        let stalled = "no bytes of the request body within timeouts.body";
+                        inbound.fail(io::Error::new(io::ErrorKind::TimedOut, stalled));
+                    }
                 }
                 service.as_mut().poll(task)
             })
@@ -238,7 +252,20 @@ fn exchange<'a, S: ClientStream>(
             if let Some(inbound) = inbound.as_mut() {
                 inbound.poll_pump(task, io, &mut reader.buf);
             }
-            out.poll_send(task, io)
+            let written = out.written();
+            let sent = out.poll_send(task, io);
+            if sent.is_pending() {
+                if !out.is_write_blocked() || out.written() != written {
+                    reader.stalled_since = None;
+                }
+                if out.is_write_blocked()
+                    && reader.poll_stalled(task, reader.limits.send).is_ready()
+                {
+                    let stalled = "the client took no bytes of the reply within timeouts.send";
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stalled)));
+                }
+            }
+            sent
         })
         .await;
         // The exchange is accounted for when its body goes: after the last byte is out.
@@ -304,6 +331,9 @@ struct HeadReader {
     /// When the current wait began: for a head not yet begun, the keep-alive
     /// clock; for one begun, the header-read clock.
     waiting_since: Option<(Instant, bool)>,
+    /// Mid-exchange, since when bascule has waited on the client (for body
+    /// bytes, or to take reply bytes) without progress.
+    stalled_since: Option<Instant>,
     stop: CancellationToken,
     /// `stop`'s cancellation, waited for while idle; kept, so that it registers once.
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -315,9 +345,23 @@ impl HeadReader {
         self.stop.is_cancelled()
     }
 
+    /// Waiting on the client mid-exchange: ready once it has made no progress
+    /// for `limit` (the body and send timeouts). The head's timer is idle
+    /// during an exchange, so it serves.
+    fn poll_stalled(&mut self, task: &mut Context<'_>, limit: Duration) -> Poll<()> {
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        let deadline = since + limit;
+        if self.armed != Some(deadline) {
+            self.timer.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        self.timer.as_mut().poll(task)
+    }
+
     /// A reply is out and the connection stays: the next head starts afresh.
     fn between_requests(&mut self) {
         self.waiting_since = None;
+        self.stalled_since = None;
         self.detect_h2 = false;
         if self.buf.is_empty() {
             // An empty buffer may still hold an allocation: dropped while idle.
@@ -554,38 +598,41 @@ struct Inbound {
     done: bool,
     /// The proxy let go of it, or it failed: nothing more is read.
     gone: bool,
+    /// Frames handed over: progress, for the body timeout.
+    delivered: u64,
 }
 
 impl Inbound {
     /// Reads the next frame when the proxy wants one and hands it over. A
     /// failure goes to the proxy (as its upload failing), not to the caller:
-    /// the reply decides what becomes of the connection.
+    /// the reply decides what becomes of the connection. True when it ends
+    /// waiting on the client.
     fn poll_pump<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         task: &mut Context<'_>,
         io: &mut S,
         buf: &mut BytesMut,
-    ) {
+    ) -> bool {
         while !self.done && !self.gone {
             {
                 let mut pipe = lock(&self.pipe);
                 if pipe.dropped {
                     self.gone = true;
-                    return;
+                    return false;
                 }
                 if pipe.frame.is_some() || !pipe.wanted {
                     wait_on(&mut pipe.writer, task);
-                    return;
+                    return false;
                 }
             }
             let frame = if self.continue_left.is_empty() {
                 match self.poll_decode(task, io, buf) {
-                    Poll::Pending => return,
+                    Poll::Pending => return true,
                     Poll::Ready(frame) => frame,
                 }
             } else {
                 match Pin::new(&mut *io).poll_write(task, self.continue_left) {
-                    Poll::Pending => return,
+                    Poll::Pending => return true,
                     Poll::Ready(Ok(n)) if n > 0 => {
                         self.continue_left = &self.continue_left[n..];
                         continue;
@@ -614,6 +661,23 @@ impl Inbound {
                 }
             }
             pipe.wanted = false;
+            self.delivered += 1;
+            if let Some(reader) = pipe.reader.take() {
+                reader.wake();
+            }
+        }
+        false
+    }
+
+    /// Ends the body in an error for whoever reads it; nothing more is read.
+    fn fail(&mut self, e: io::Error) {
+        self.gone = true;
+        let mut pipe = lock(&self.pipe);
+        if !pipe.ended {
+            pipe.ended = true;
+            // In place of any frame still waiting: after a frame, the end would
+            // pass the body off as whole.
+            pipe.frame = Some(Err(e));
             if let Some(reader) = pipe.reader.take() {
                 reader.wake();
             }
@@ -666,21 +730,11 @@ impl Drop for Inbound {
     /// HTTP/2 backend's stream, read in another task, would otherwise wait on
     /// it for good.
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut pipe = lock(&self.pipe);
-        if !pipe.ended {
-            pipe.ended = true;
-            // In place of any frame still waiting: after a frame, the end would
-            // pass the body off as whole.
-            pipe.frame = Some(Err(io::Error::new(
+        if !self.done {
+            self.fail(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the client's connection stopped before its body ended",
-            )));
-            if let Some(reader) = pipe.reader.take() {
-                reader.wake();
-            }
+            ));
         }
     }
 }

@@ -18,6 +18,10 @@ pub enum ProxyError {
     HeadTooLarge,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("the request body stopped arriving")]
+    UploadTimedOut,
+    #[error("the request body broke off or was malformed")]
+    UploadBroken,
 }
 
 impl ProxyError {
@@ -27,7 +31,8 @@ impl ProxyError {
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect | ProxyError::Broken => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::UploadBroken => StatusCode::BAD_REQUEST,
+            ProxyError::UploadTimedOut => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }

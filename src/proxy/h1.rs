@@ -34,8 +34,8 @@ use tokio_rustls::client::TlsStream;
 
 use super::pool::OutBody;
 use crate::http1::{
-    keeps_alive, BodyFields, Chunked, ConnectionTokens, Decoded, FieldSpans, Fields, Outgoing,
-    MAX_HEADERS,
+    keeps_alive, BodyFailed, BodyFields, Chunked, ConnectionTokens, Decoded, FieldSpans, Fields,
+    Outgoing, MAX_HEADERS,
 };
 
 /// The largest response head accepted; a larger one fails the exchange (502).
@@ -118,6 +118,9 @@ pub enum Failure {
     Incomplete(io::Error, Option<Box<Request<OutBody>>>),
     /// Anything else: a malformed response, or the connection failing mid-response.
     Broken(io::Error, Option<Box<Request<OutBody>>>),
+    /// The request's body failed (the client's upload broke off or stalled):
+    /// nothing the backend did.
+    Upload(Box<BodyFailed>),
 }
 
 /// Gives a connection back for another exchange.
@@ -200,6 +203,11 @@ impl Conn {
             .and_then(|head| Ok((framing(head_only, head.status, &head.body)?, head)));
             let (framing, parsed) = match parsed {
                 Ok(parsed) => parsed,
+                Err(e) if BodyFailed::of(&e).is_some() => {
+                    let failed = e.into_inner().and_then(|inner| inner.downcast().ok());
+                    let failed = failed.unwrap_or_else(|| Box::new(BodyFailed("upload".into())));
+                    return Err(Failure::Upload(failed));
+                }
                 Err(e) => {
                     let back = bodyless
                         .then(|| Box::new(Request::from_parts(parts, Either::Right(Empty::new()))));

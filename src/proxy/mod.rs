@@ -88,7 +88,11 @@ pub fn serve(
                     .zip(ex.backend)
                     .map(|(u, b)| &u.backends[b].address);
                 match e {
-                    ProxyError::NoRoute | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge => {
+                    ProxyError::NoRoute
+                    | ProxyError::BadRequest(_)
+                    | ProxyError::HeadTooLarge
+                    | ProxyError::UploadTimedOut
+                    | ProxyError::UploadBroken => {
                         tracing::debug!(peer = %cx.peer, "{e}")
                     }
                     _ => tracing::warn!(
@@ -317,6 +321,15 @@ async fn send_with_retries(
                 *out = *back;
                 reached_backend = false;
                 last = ProxyError::Connect;
+            }
+            // Neither the backend's fault nor one to retry: the client's body broke off or stalled.
+            Ok(Err(SendError::Upload(e))) => {
+                tracing::debug!(backend = %backend.address, "the request body failed: {}", e.0);
+                return Err(if e.timed_out() {
+                    ProxyError::UploadTimedOut
+                } else {
+                    ProxyError::UploadBroken
+                });
             }
             Ok(Err(SendError::Exchange(e, back))) => {
                 tracing::debug!(backend = %backend.address, "exchange failed: {e}");

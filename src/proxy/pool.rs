@@ -62,6 +62,8 @@ pub enum SendError {
         Box<dyn std::error::Error + Send + Sync>,
         Option<Box<Request<OutBody>>>,
     ),
+    /// The request's body failed: the client's doing, not the backend's.
+    Upload(Box<crate::http1::BodyFailed>),
 }
 
 /// What goes to a backend: the client's body, or nothing for a request sent again.
@@ -294,6 +296,7 @@ impl Pool {
                                     ))
                                 }
                             },
+                            Err(Failure::Upload(e)) => return Err(SendError::Upload(e)),
                             Err(Failure::Broken(e, back)) => {
                                 let again = replayable(back).filter(|_| replay);
                                 return Err(SendError::Exchange(e.into(), again));
