@@ -548,3 +548,40 @@ fn replies_are_framed_for_what_the_client_speaks_and_trailers_reach_who_asked() 
     );
     assert_eq!(r.body, "hello world");
 }
+
+#[test]
+fn a_refused_request_keeps_its_connection_when_its_unread_body_is_small() {
+    let b = TestBackend::start("a");
+    let yaml = simple_config(&[&b]).replace(
+        "      - upstream: app",
+        "      - match: { host: only.example }\n        upstream: app",
+    );
+    let lb = Balancer::start(&yaml);
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    // No route: the body is never read by the proxy, so the connection reads it past.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .unwrap();
+    let r = read_one(&mut s, &mut buf);
+    assert_eq!(r.status, 404);
+    assert!(!r.headers.contains_key("connection"), "{:?}", r.headers);
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one(&mut s, &mut buf).status, 404);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: only.example\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one(&mut s, &mut buf).body, "a");
+
+    // More than is worth reading past: the connection closes after the reply.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nhello")
+        .unwrap();
+    assert_eq!(read_one(&mut s, &mut buf).status, 404);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty() && buf.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}

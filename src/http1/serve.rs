@@ -45,6 +45,8 @@ const FIRST_READ: usize = 4096;
 const READ_CHUNK: usize = 8 * 1024;
 /// The most read at once for a large upload.
 const READ_MAX: usize = 64 * 1024;
+/// The most of an unread request body read and dropped to keep its connection.
+const DRAIN_MAX: u64 = 64 * 1024;
 /// How long a closing TLS connection may take to send its close_notify.
 const CLOSE_NOTIFY: Duration = Duration::from_secs(1);
 
@@ -198,6 +200,7 @@ fn exchange<'a, S: ClientStream>(
                 continue_left: if continue_owed { CONTINUE } else { b"" },
                 done: false,
                 gone: false,
+                failed: false,
                 delivered: 0,
             };
             (RequestBody::new(pipe, size), Some(inbound))
@@ -279,8 +282,29 @@ fn exchange<'a, S: ClientStream>(
             Some(tx) if upgrading => return After::Upgrade(tx),
             _ => {}
         }
-        if !keep_alive || inbound.is_some_and(|i| !i.done) {
+        if !keep_alive {
             return After::Close;
+        }
+        if let Some(inbound) = inbound.as_mut().filter(|i| !i.done) {
+            reader.stalled_since = None;
+            let mut budget = DRAIN_MAX;
+            let drained = std::future::poll_fn(|task| {
+                let before = budget;
+                let drained = inbound.poll_drain(task, io, &mut reader.buf, &mut budget);
+                if drained.is_pending() {
+                    if budget != before {
+                        reader.stalled_since = None;
+                    }
+                    if reader.poll_stalled(task, reader.limits.body).is_ready() {
+                        return Poll::Ready(false);
+                    }
+                }
+                drained
+            })
+            .await;
+            if !drained {
+                return After::Close;
+            }
         }
         After::KeepAlive
     }
@@ -598,6 +622,8 @@ struct Inbound {
     done: bool,
     /// The proxy let go of it, or it failed: nothing more is read.
     gone: bool,
+    /// It failed: what is left on the socket cannot be read as its rest.
+    failed: bool,
     /// Frames handed over: progress, for the body timeout.
     delivered: u64,
 }
@@ -658,6 +684,7 @@ impl Inbound {
                     pipe.frame = Some(Err(e));
                     pipe.ended = true;
                     self.gone = true;
+                    self.failed = true;
                 }
             }
             pipe.wanted = false;
@@ -672,6 +699,7 @@ impl Inbound {
     /// Ends the body in an error for whoever reads it; nothing more is read.
     fn fail(&mut self, e: io::Error) {
         self.gone = true;
+        self.failed = true;
         let mut pipe = lock(&self.pipe);
         if !pipe.ended {
             pipe.ended = true;
@@ -680,6 +708,44 @@ impl Inbound {
             pipe.frame = Some(Err(e));
             if let Some(reader) = pipe.reader.take() {
                 reader.wake();
+            }
+        }
+    }
+
+    /// Reads and drops what is left of a body nobody read to its end (a
+    /// request refused before its upload), so that the connection can serve
+    /// its next request, as NGINX discards such bodies. False when that cannot
+    /// be: the body failed, something still reads it, its client was never
+    /// invited to send it (a 100 Continue still owed), or more than `budget`
+    /// bytes of it are left.
+    fn poll_drain<S: AsyncRead + Unpin>(
+        &mut self,
+        task: &mut Context<'_>,
+        io: &mut S,
+        buf: &mut BytesMut,
+        budget: &mut u64,
+    ) -> Poll<bool> {
+        // A reader still holding the body (an HTTP/2 backend's stream) is owed its frames.
+        if self.failed || !self.continue_left.is_empty() || !lock(&self.pipe).dropped {
+            return Poll::Ready(false);
+        }
+        loop {
+            if matches!(self.framing, InFraming::Length(left) if left > *budget) {
+                return Poll::Ready(false);
+            }
+            match ready!(self.poll_decode(task, io, buf)) {
+                Ok(None) => {
+                    self.done = true;
+                    return Poll::Ready(true);
+                }
+                Ok(Some(frame)) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    let Some(left) = budget.checked_sub(n) else {
+                        return Poll::Ready(false);
+                    };
+                    *budget = left;
+                }
+                Err(_) => return Poll::Ready(false),
             }
         }
     }
