@@ -1033,3 +1033,105 @@ mod date {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What any input must come to: a request taken from the front of the
+    /// buffer, a wait for more with the buffer untouched, or a refusal.
+    fn parses_or_refuses(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let mut buf = BytesMut::from(bytes);
+        match parse_request(&mut buf) {
+            Ok(Some(head)) => {
+                prop_assert!(buf.len() < bytes.len(), "a head consumed nothing");
+                prop_assert!(bytes.ends_with(&buf), "what is left is not the rest");
+                // A body framed by length is framed by what every Content-Length says.
+                if let Some(InFraming::Length(n)) = head.body {
+                    let mut said = head.req.headers().get_all(CONTENT_LENGTH).iter();
+                    let agrees = said.all(|v| {
+                        let parts = v.to_str().unwrap_or("").split(',');
+                        parts.map(str::trim).all(|p| p.parse::<u64>() == Ok(n))
+                    });
+                    prop_assert!(agrees, "framed by {} against {:?}", n, head.req.headers());
+                }
+            }
+            Ok(None) => prop_assert_eq!(&buf[..], bytes),
+            Err(HeadError::Refused(status, _)) => {
+                prop_assert!(status.is_client_error() || status.is_server_error())
+            }
+            Err(HeadError::Io(e)) => prop_assert!(false, "not a refusal: {e}"),
+        }
+        Ok(())
+    }
+
+    /// A request head from plausible pieces, some of them broken.
+    fn head() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop::sample::select(vec!["GET", "POST", "HEAD", "PUT", "G\tT", ""]);
+        let target = prop::sample::select(vec!["/", "/a?b=c", "http://h/x", "*", "/\u{7f}", ""]);
+        let version = prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.", ""]);
+        let name = prop::sample::select(vec![
+            "Host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+            "Expect",
+            "TE",
+            "Upgrade",
+            "X-A",
+            "Bad Name",
+            "",
+        ]);
+        let value = prop::sample::select(vec![
+            "x",
+            "5",
+            "0",
+            "-1",
+            "1, 1",
+            "1, 2",
+            "chunked",
+            "gzip, chunked",
+            "gzip",
+            "close",
+            "keep-alive, x",
+            "100-continue",
+            "trailers",
+            "\u{1}",
+            "",
+        ]);
+        let fields = prop::collection::vec((name, value), 0..8);
+        let tail = prop::collection::vec(any::<u8>(), 0..16);
+        (method, target, version, fields, any::<bool>(), tail).prop_map(
+            |(method, target, version, fields, ended, tail)| {
+                let mut text = format!("{method} {target} {version}\r\n").into_bytes();
+                for (name, value) in fields {
+                    text.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                }
+                if ended {
+                    text.extend_from_slice(b"\r\n");
+                }
+                text.extend_from_slice(&tail);
+                text
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_wait_or_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            parses_or_refuses(&bytes)?;
+        }
+
+        #[test]
+        fn plausible_heads_parse_wait_or_are_refused(bytes in head()) {
+            parses_or_refuses(&bytes)?;
+            // However the head is cut, a prefix waits or is refused: never a different request.
+            for cut in [1, bytes.len() / 2] {
+                if cut < bytes.len() {
+                    parses_or_refuses(&bytes[..cut])?;
+                }
+            }
+        }
+    }
+}
