@@ -496,7 +496,7 @@ impl Worker {
             // The proxy's future made inside the block: made outside, the block
             // would keep room for it twice, to be copied into each stream's box.
             Box::pin(async move {
-                let reply = proxy::serve(cx, req.map(proxy::ClientBody::Http2));
+                let reply = proxy::serve(cx, req.map(proxy::ClientBody::Right));
                 Ok::<_, std::convert::Infallible>(reply.await)
             })
         });

@@ -410,28 +410,6 @@ fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
-/// Reads one reply with a Content-Length body from a connection that stays open.
-fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> Reply {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_reply(&buf[..end + 4]);
-            let len: usize = head
-                .headers
-                .get("content-length")
-                .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                buf.drain(..end + 4 + len);
-                return Reply { body, ..head };
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(buf));
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// Sends raw bytes on a fresh connection and reads until the server closes it.
 fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -459,9 +437,9 @@ fn client_requests_are_read_and_answered_as_http1_says() {
           GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .unwrap();
-    assert_eq!(read_one(&mut s, &mut buf).body, "5");
-    assert_eq!(read_one(&mut s, &mut buf).body, "7");
-    let r = read_one(&mut s, &mut buf);
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().body, "5");
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().body, "7");
+    let r = read_reply(&mut s, &mut buf).unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "a"));
     assert!(r.headers.contains_key("date"), "{:?}", r.headers);
 
@@ -477,7 +455,7 @@ fn client_requests_are_read_and_answered_as_http1_says() {
     }
     buf.clear();
     s.write_all(b"data").unwrap();
-    assert_eq!(read_one(&mut s, &mut buf).body, "4");
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().body, "4");
 
     // A request framed two ways is read by its chunks, and is the connection's last.
     let out = raw_exchange(
@@ -563,20 +541,20 @@ fn a_refused_request_keeps_its_connection_when_its_unread_body_is_small() {
     // No route: the body is never read by the proxy, so the connection reads it past.
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         .unwrap();
-    let r = read_one(&mut s, &mut buf);
+    let r = read_reply(&mut s, &mut buf).unwrap();
     assert_eq!(r.status, 404);
     assert!(!r.headers.contains_key("connection"), "{:?}", r.headers);
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
         .unwrap();
-    assert_eq!(read_one(&mut s, &mut buf).status, 404);
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().status, 404);
     s.write_all(b"GET / HTTP/1.1\r\nHost: only.example\r\n\r\n")
         .unwrap();
-    assert_eq!(read_one(&mut s, &mut buf).body, "a");
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().body, "a");
 
     // More than is worth reading past: the connection closes after the reply.
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nhello")
         .unwrap();
-    assert_eq!(read_one(&mut s, &mut buf).status, 404);
+    assert_eq!(read_reply(&mut s, &mut buf).unwrap().status, 404);
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(

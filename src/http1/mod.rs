@@ -260,6 +260,84 @@ impl Chunked {
     }
 }
 
+/// Room made in a read buffer before each read.
+pub const READ_CHUNK: usize = 8 * 1024;
+/// The most read at once for a large body.
+pub const READ_MAX: usize = 64 * 1024;
+
+/// How a message body ends on the wire (RFC 9112 §6.3), and how much of it is left.
+#[derive(Debug)]
+pub enum BodyFraming {
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the sender closes the connection.
+    UntilClose,
+    /// Read to its end.
+    Done,
+    /// None follows a 101: the connection now carries another protocol.
+    Upgrade,
+}
+
+impl BodyFraming {
+    pub fn is_done(&self) -> bool {
+        matches!(self, BodyFraming::Done)
+    }
+
+    /// The body's next frame from `buf`, reading from `io` when it runs dry;
+    /// `None` at the body's end. The connection closing before that end is an
+    /// error, except for a body framed by the close.
+    pub fn poll_frame<S: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut S,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<Option<http_body::Frame<Bytes>>>> {
+        use http_body::Frame;
+        loop {
+            let want = match self {
+                BodyFraming::Done | BodyFraming::Upgrade => return Poll::Ready(Ok(None)),
+                BodyFraming::Length(left) if !buf.is_empty() => {
+                    let n = (*left).min(buf.len() as u64);
+                    *left -= n;
+                    if *left == 0 {
+                        *self = BodyFraming::Done;
+                    }
+                    return Poll::Ready(Ok(Some(Frame::data(buf.split_to(n as usize).freeze()))));
+                }
+                BodyFraming::Length(left) => (*left).min(READ_MAX as u64) as usize,
+                BodyFraming::Chunked(decoder) => match decoder.decode(buf)? {
+                    Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
+                    Decoded::Trailers(fields) => {
+                        // Trailers are a chunked body's last frame.
+                        *self = BodyFraming::Done;
+                        return Poll::Ready(Ok(Some(Frame::trailers(fields))));
+                    }
+                    Decoded::End => {
+                        *self = BodyFraming::Done;
+                        return Poll::Ready(Ok(None));
+                    }
+                    Decoded::More => READ_CHUNK,
+                },
+                BodyFraming::UntilClose if !buf.is_empty() => {
+                    return Poll::Ready(Ok(Some(Frame::data(buf.split().freeze()))));
+                }
+                BodyFraming::UntilClose => READ_CHUNK,
+            };
+            buf.reserve(want);
+            if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf))? == 0 {
+                if matches!(self, BodyFraming::UntilClose) {
+                    *self = BodyFraming::Done;
+                    return Poll::Ready(Ok(None));
+                }
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection closed mid-body",
+                )));
+            }
+        }
+    }
+}
+
 /// A `name: value` trailer line; fields that are not valid are dropped.
 fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
     let colon = line.iter().position(|&b| b == b':')?;

@@ -38,15 +38,13 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::{keeps_alive, Chunked, Decoded, FieldSpans, Fields, Outgoing, MAX_HEADERS};
+use super::{
+    keeps_alive, BodyFraming, Chunked, FieldSpans, Fields, Outgoing, MAX_HEADERS, READ_CHUNK,
+};
 use crate::proxy::{self, ClientBody, ConnContext, ProxyBody};
 
 /// What a connection holding no buffer reads at once: a usual request head fits.
 const FIRST_READ: usize = 4096;
-/// Room made in the buffer before each further read.
-const READ_CHUNK: usize = 8 * 1024;
-/// The most read at once for a large upload.
-const READ_MAX: usize = 64 * 1024;
 /// The most of an unread request body read and dropped to keep its connection.
 const DRAIN_MAX: u64 = 64 * 1024;
 /// How long a closing TLS connection may take to send its close_notify.
@@ -192,15 +190,14 @@ fn exchange<'a, S: ClientStream>(
         Some(framing) => {
             let pipe = Arc::new(Mutex::new(Pipe::default()));
             let size = match framing {
-                InFraming::Length(n) => Some(n),
-                InFraming::Chunked(_) => None,
+                BodyFraming::Length(n) => Some(n),
+                _ => None,
             };
             let continue_owed = expect_continue && version == Version::HTTP_11;
             let inbound = Inbound {
                 pipe: pipe.clone(),
                 framing,
                 continue_left: if continue_owed { CONTINUE } else { b"" },
-                done: false,
                 gone: false,
                 failed: false,
                 delivered: 0,
@@ -214,7 +211,7 @@ fn exchange<'a, S: ClientStream>(
             .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
         tx
     });
-    let req = req.map(|()| ClientBody::Http1(request_body));
+    let req = req.map(|()| ClientBody::Left(request_body));
     async move {
         // Made here, not before the block: the block would keep room for it
         // twice. In a scope of its own, so that the reply's state can reuse its room.
@@ -224,10 +221,12 @@ fn exchange<'a, S: ClientStream>(
                 if let Some(inbound) = inbound.as_mut() {
                     let delivered = inbound.delivered;
                     let waiting = inbound.poll_pump(task, io, &mut reader.buf);
-                    if !waiting || inbound.delivered != delivered {
-                        reader.stalled_since = None;
-                    }
-                    if waiting && reader.poll_stalled(task, reader.limits.body).is_ready() {
+                    let progressed = inbound.delivered != delivered;
+                    let limit = reader.limits.body;
+                    if reader
+                        .poll_stalled(task, waiting, progressed, limit)
+                        .is_ready()
+                    {
                         let stalled = "no bytes of the request body within timeouts.body";
                         inbound.fail(io::Error::new(io::ErrorKind::TimedOut, stalled));
                     }
@@ -259,16 +258,15 @@ fn exchange<'a, S: ClientStream>(
             }
             let written = out.written();
             let sent = out.poll_send(task, io);
-            if sent.is_pending() {
-                if !out.is_write_blocked() || out.written() != written {
-                    reader.stalled_since = None;
-                }
-                if out.is_write_blocked()
-                    && reader.poll_stalled(task, reader.limits.send).is_ready()
-                {
-                    let stalled = "the client took no bytes of the reply within timeouts.send";
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stalled)));
-                }
+            let waiting = sent.is_pending() && out.is_write_blocked();
+            let progressed = out.written() != written;
+            let limit = reader.limits.send;
+            if reader
+                .poll_stalled(task, waiting, progressed, limit)
+                .is_ready()
+            {
+                let stalled = "the client took no bytes of the reply within timeouts.send";
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stalled)));
             }
             sent
         })
@@ -287,19 +285,18 @@ fn exchange<'a, S: ClientStream>(
         if !keep_alive {
             return After::Close;
         }
-        if let Some(inbound) = inbound.as_mut().filter(|i| !i.done) {
-            reader.stalled_since = None;
+        if let Some(inbound) = inbound.as_mut().filter(|i| !i.framing.is_done()) {
             let mut budget = DRAIN_MAX;
             let drained = std::future::poll_fn(|task| {
                 let before = budget;
                 let drained = inbound.poll_drain(task, io, &mut reader.buf, &mut budget);
-                if drained.is_pending() {
-                    if budget != before {
-                        reader.stalled_since = None;
-                    }
-                    if reader.poll_stalled(task, reader.limits.body).is_ready() {
-                        return Poll::Ready(false);
-                    }
+                let (waiting, progressed) = (drained.is_pending(), budget != before);
+                let limit = reader.limits.body;
+                if reader
+                    .poll_stalled(task, waiting, progressed, limit)
+                    .is_ready()
+                {
+                    return Poll::Ready(false);
                 }
                 drained
             })
@@ -316,7 +313,7 @@ fn exchange<'a, S: ClientStream>(
 struct Head {
     req: Request<()>,
     /// None: the request has no body.
-    body: Option<InFraming>,
+    body: Option<BodyFraming>,
     keep_alive: bool,
     expect_continue: bool,
     /// The client said `TE: trailers`: a chunked reply may carry them.
@@ -371,12 +368,29 @@ impl HeadReader {
         self.stop.is_cancelled()
     }
 
-    /// Waiting on the client mid-exchange: ready once it has made no progress
-    /// for `limit` (the body and send timeouts). The head's timer is idle
-    /// during an exchange, so it serves.
-    fn poll_stalled(&mut self, task: &mut Context<'_>, limit: Duration) -> Poll<()> {
+    /// Mid-exchange, for the body and send timeouts: ready once bascule has
+    /// been `waiting` on the client (for body bytes, or to take reply bytes)
+    /// for `limit` without it making progress. The head's timer is idle during
+    /// an exchange, so it serves.
+    fn poll_stalled(
+        &mut self,
+        task: &mut Context<'_>,
+        waiting: bool,
+        progressed: bool,
+        limit: Duration,
+    ) -> Poll<()> {
+        if !waiting || progressed {
+            self.stalled_since = None;
+        }
+        if !waiting {
+            return Poll::Pending;
+        }
         let since = *self.stalled_since.get_or_insert_with(Instant::now);
-        let deadline = since + limit;
+        self.poll_timer(task, since + limit)
+    }
+
+    /// The connection's timer, set to `deadline` unless it already is.
+    fn poll_timer(&mut self, task: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         if self.armed != Some(deadline) {
             self.timer.as_mut().reset(deadline);
             self.armed = Some(deadline);
@@ -449,11 +463,7 @@ impl HeadReader {
                 } else {
                     self.limits.keepalive
                 };
-            if self.armed != Some(deadline) {
-                self.timer.as_mut().reset(deadline);
-                self.armed = Some(deadline);
-            }
-            ready!(self.timer.as_mut().poll(task));
+            ready!(self.poll_timer(task, deadline));
             let what = if begun {
                 "the request head did not arrive in time"
             } else {
@@ -480,12 +490,6 @@ impl HeadReader {
         self.buf.reserve(READ_CHUNK);
         tokio_util::io::poll_read_buf(Pin::new(io), task, &mut self.buf)
     }
-}
-
-/// How the request body is framed on the wire.
-enum InFraming {
-    Length(u64),
-    Chunked(Chunked),
 }
 
 /// Parses a request head at the front of `buf` and removes it; `None` while
@@ -561,13 +565,13 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
                 // A request framed two ways may be an attempt at smuggling: this is its last.
                 keep_alive = false;
             }
-            Some(InFraming::Chunked(Chunked::default()))
+            Some(BodyFraming::Chunked(Chunked::default()))
         }
         Some(false) => return Err(bad("a request body must end with the chunked coding")),
         None if body.bad_length => return Err(bad("invalid Content-Length")),
         None => match body.content_length {
             None | Some(0) => None,
-            Some(n) => Some(InFraming::Length(n)),
+            Some(n) => Some(BodyFraming::Length(n)),
         },
     };
     let mut req = Request::new(());
@@ -603,6 +607,12 @@ struct Pipe {
     dropped: bool,
 }
 
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe").field("ended", &self.ended).finish()
+    }
+}
+
 fn lock(pipe: &Mutex<Pipe>) -> std::sync::MutexGuard<'_, Pipe> {
     pipe.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -617,11 +627,9 @@ fn wait_on(slot: &mut Option<Waker>, task: &Context<'_>) {
 /// The connection's end of a request body: reads it from the socket as the proxy asks.
 struct Inbound {
     pipe: Arc<Mutex<Pipe>>,
-    framing: InFraming,
+    framing: BodyFraming,
     /// What is left to write of the 100 Continue owed before the body is read.
     continue_left: &'static [u8],
-    /// The body has been read to its end.
-    done: bool,
     /// The proxy let go of it, or it failed: nothing more is read.
     gone: bool,
     /// It failed: what is left on the socket cannot be read as its rest.
@@ -641,7 +649,7 @@ impl Inbound {
         io: &mut S,
         buf: &mut BytesMut,
     ) -> bool {
-        while !self.done && !self.gone {
+        while !self.framing.is_done() && !self.gone {
             {
                 let mut pipe = lock(&self.pipe);
                 if pipe.dropped {
@@ -654,7 +662,7 @@ impl Inbound {
                 }
             }
             let frame = if self.continue_left.is_empty() {
-                match self.poll_decode(task, io, buf) {
+                match self.framing.poll_frame(task, io, buf) {
                     Poll::Pending => return true,
                     Poll::Ready(frame) => frame,
                 }
@@ -672,15 +680,10 @@ impl Inbound {
             let mut pipe = lock(&self.pipe);
             match frame {
                 Ok(frame) => {
-                    // Trailers are a body's last frame, and the last bytes of a
-                    // length are its end: the proxy need not ask again to learn it.
-                    let last = frame.as_ref().is_none_or(Frame::is_trailers)
-                        || matches!(self.framing, InFraming::Length(0));
+                    // A last frame ends the body at once: the proxy need not ask
+                    // again to learn it.
                     pipe.frame = frame.map(Ok);
-                    if last {
-                        pipe.ended = true;
-                        self.done = true;
-                    }
+                    pipe.ended = self.framing.is_done();
                 }
                 Err(e) => {
                     pipe.frame = Some(Err(e));
@@ -732,14 +735,11 @@ impl Inbound {
             return Poll::Ready(false);
         }
         loop {
-            if matches!(self.framing, InFraming::Length(left) if left > *budget) {
+            if matches!(self.framing, BodyFraming::Length(left) if left > *budget) {
                 return Poll::Ready(false);
             }
-            match ready!(self.poll_decode(task, io, buf)) {
-                Ok(None) => {
-                    self.done = true;
-                    return Poll::Ready(true);
-                }
+            match ready!(self.framing.poll_frame(task, io, buf)) {
+                Ok(None) => return Poll::Ready(true),
                 Ok(Some(frame)) => {
                     let n = frame.data_ref().map_or(0, |d| d.len() as u64);
                     let Some(left) = budget.checked_sub(n) else {
@@ -751,45 +751,6 @@ impl Inbound {
             }
         }
     }
-
-    /// The next frame of the body from the buffer and the socket; `None` at its end.
-    fn poll_decode<S: AsyncRead + Unpin>(
-        &mut self,
-        task: &mut Context<'_>,
-        io: &mut S,
-        buf: &mut BytesMut,
-    ) -> Poll<io::Result<Option<Frame<Bytes>>>> {
-        loop {
-            let want = match &mut self.framing {
-                InFraming::Length(0) => return Poll::Ready(Ok(None)),
-                InFraming::Length(left) => {
-                    if !buf.is_empty() {
-                        let n = (*left).min(buf.len() as u64);
-                        *left -= n;
-                        return Poll::Ready(Ok(Some(Frame::data(
-                            buf.split_to(n as usize).freeze(),
-                        ))));
-                    }
-                    (*left).min(READ_MAX as u64) as usize
-                }
-                InFraming::Chunked(decoder) => match decoder.decode(buf)? {
-                    Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
-                    Decoded::Trailers(fields) => {
-                        return Poll::Ready(Ok(Some(Frame::trailers(fields))))
-                    }
-                    Decoded::End => return Poll::Ready(Ok(None)),
-                    Decoded::More => READ_CHUNK,
-                },
-            };
-            buf.reserve(want);
-            if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), task, buf))? == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the client closed the connection mid-body",
-                )));
-            }
-        }
-    }
 }
 
 impl Drop for Inbound {
@@ -798,7 +759,7 @@ impl Drop for Inbound {
     /// HTTP/2 backend's stream, read in another task, would otherwise wait on
     /// it for good.
     fn drop(&mut self) {
-        if !self.done {
+        if !self.framing.is_done() {
             self.fail(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the client's connection stopped before its body ended",
@@ -814,12 +775,6 @@ pub struct RequestBody {
     pipe: Option<Arc<Mutex<Pipe>>>,
     /// Its Content-Length, when it has one.
     size: Option<u64>,
-}
-
-impl std::fmt::Debug for Pipe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipe").field("ended", &self.ended).finish()
-    }
 }
 
 impl RequestBody {
@@ -1048,7 +1003,7 @@ mod tests {
                 prop_assert!(buf.len() < bytes.len(), "a head consumed nothing");
                 prop_assert!(bytes.ends_with(&buf), "what is left is not the rest");
                 // A body framed by length is framed by what every Content-Length says.
-                if let Some(InFraming::Length(n)) = head.body {
+                if let Some(BodyFraming::Length(n)) = head.body {
                     let mut said = head.req.headers().get_all(CONTENT_LENGTH).iter();
                     let agrees = said.all(|v| {
                         let parts = v.to_str().unwrap_or("").split(',');

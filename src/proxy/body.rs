@@ -22,42 +22,9 @@ use crate::upstream::Upstream;
 
 pub use crate::http1::BoxError;
 
-/// A client's request body: read from an HTTP/1 connection by bascule, or an
-/// HTTP/2 stream's from hyper.
-#[derive(Debug)]
-pub enum ClientBody {
-    Http1(RequestBody),
-    Http2(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Http1(body) => body.is_end_stream(),
-            ClientBody::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Http1(body) => body.size_hint(),
-            ClientBody::Http2(body) => body.size_hint(),
-        }
-    }
-}
+/// A client's request body: read from an HTTP/1 connection by bascule (left),
+/// or an HTTP/2 stream's from hyper (right).
+pub type ClientBody = http_body_util::Either<RequestBody, Incoming>;
 
 /// Everything to account for one request, done when it is dropped: after the
 /// response body has ended, or when the client went away.

@@ -34,16 +34,12 @@ use tokio_rustls::client::TlsStream;
 
 use super::pool::OutBody;
 use crate::http1::{
-    keeps_alive, BodyFailed, BodyFields, Chunked, ConnectionTokens, Decoded, FieldSpans, Fields,
-    Outgoing, MAX_HEADERS,
+    keeps_alive, BodyFailed, BodyFields, BodyFraming as Framing, Chunked, ConnectionTokens,
+    FieldSpans, Fields, Outgoing, MAX_HEADERS, READ_CHUNK,
 };
 
 /// The largest response head accepted; a larger one fails the exchange (502).
 const MAX_HEAD: usize = 64 * 1024;
-/// Room made in the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
-/// The most read at once for a large body.
-const READ_MAX: usize = 64 * 1024;
 
 /// A backend connection's socket, plain or TLS.
 #[derive(Debug)]
@@ -346,18 +342,6 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
 }
 
 /// How the response body ends (RFC 9112 §6.3).
-#[derive(Debug)]
-enum Framing {
-    /// Nothing left to read.
-    Done,
-    Length(u64),
-    Chunked(Chunked),
-    /// Until the backend closes the connection.
-    UntilClose,
-    /// 101: the connection now carries another protocol.
-    Upgrade,
-}
-
 fn framing(head_only: bool, status: StatusCode, body: &BodyFields) -> io::Result<Framing> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Framing::Upgrade);
@@ -440,58 +424,15 @@ impl<R: Reuse> http_body::Body for Body<R> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let data = match &mut this.framing {
-                Framing::Done | Framing::Upgrade => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Framing::Length(left) => {
-                    if conn.buf.is_empty() {
-                        let want = (*left).min(READ_MAX as u64) as usize;
-                        if ready!(conn.poll_fill(cx, want))? == 0 {
-                            return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
-                        }
-                    }
-                    let n = (*left).min(conn.buf.len() as u64);
-                    *left -= n;
-                    let data = conn.buf.split_to(n as usize).freeze();
-                    if *left == 0 {
-                        this.finish();
-                    }
-                    data
-                }
-                Framing::Chunked(decoder) => match decoder.decode(&mut conn.buf)? {
-                    Decoded::Data(data) => data,
-                    Decoded::Trailers(fields) => {
-                        // The trailers end the body: the decoder has read its last line.
-                        this.finish();
-                        return Poll::Ready(Some(Ok(Frame::trailers(fields))));
-                    }
-                    Decoded::End => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Decoded::More => {
-                        if ready!(conn.poll_fill(cx, READ_CHUNK))? == 0 {
-                            return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
-                        }
-                        continue;
-                    }
-                },
-                Framing::UntilClose => {
-                    if conn.buf.is_empty() && ready!(conn.poll_fill(cx, READ_CHUNK))? == 0 {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    conn.buf.split().freeze()
-                }
-            };
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(this.framing.poll_frame(cx, &mut conn.io, &mut conn.buf))?;
+        if matches!(this.framing, Framing::Done | Framing::Upgrade) {
+            // Over: the connection goes back if it may serve another exchange.
+            this.finish();
         }
+        Poll::Ready(frame.map(Ok))
     }
 
     fn is_end_stream(&self) -> bool {

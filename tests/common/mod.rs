@@ -487,6 +487,31 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Reads one reply with a Content-Length body from a connection that stays
+/// open; bytes that follow it (pipelined replies) stay in `buf` for the next.
+pub fn read_reply(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Reply> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse_reply(&buf[..end + 4]);
+            let len: usize = head
+                .headers
+                .get("content-length")
+                .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return Ok(Reply { body, ..head });
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Polls `cond` every few milliseconds until it holds; panics after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -640,35 +665,8 @@ impl KeepAlive {
         let s = self.stream.as_mut().unwrap();
         // One write: a request split over several would meet Nagle's algorithm.
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            raw.extend_from_slice(&buf[..n]);
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(head)) = resp.parse(&raw) {
-                let length = resp
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
-                    .unwrap_or(0);
-                let status = resp.code.unwrap_or(0);
-                while raw.len() < head + length {
-                    let n = s.read(&mut buf)?;
-                    if n == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                    raw.extend_from_slice(&buf[..n]);
-                }
-                let body = String::from_utf8_lossy(&raw[head..head + length]).into_owned();
-                return Ok((status, body));
-            }
-        }
+        let reply = read_reply(s, &mut Vec::new())?;
+        Ok((reply.status, reply.body))
     }
 }
 
