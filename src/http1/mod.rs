@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 use http_body::Body;
+use smallvec::SmallVec;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -93,9 +94,14 @@ pub const MAX_HEADERS: usize = 100;
 /// Where each field of a parsed head lies in its buffer, taken while httparse
 /// still borrows the buffer, so that the values can share its memory once it is frozen.
 pub struct FieldSpans {
-    spans: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
+    /// Name offset and length, value offset and length, per field. Inline up to
+    /// `INLINE_SPANS`: a full `MAX_HEADERS` array was zeroed and copied per head,
+    /// which cost more than reading the fields.
+    spans: SmallVec<[(u32, u32, u32, u32); INLINE_SPANS]>,
 }
+
+/// Fields kept without an allocation; browsers send 10 to 20.
+const INLINE_SPANS: usize = 24;
 
 /// A head's fields: the map, and what the framing and connection fields said.
 pub struct Fields {
@@ -105,21 +111,21 @@ pub struct Fields {
 }
 
 impl FieldSpans {
+    #[inline]
     pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        for (slot, h) in spans.iter_mut().zip(headers) {
-            *slot = (
+        let mut spans = FieldSpans {
+            spans: SmallVec::new(),
+        };
+        for h in headers {
+            spans.spans.push((
                 (h.name.as_ptr() as usize - base) as u32,
                 h.name.len() as u32,
                 (h.value.as_ptr() as usize - base) as u32,
                 h.value.len() as u32,
-            );
+            ));
         }
-        FieldSpans {
-            spans,
-            count: headers.len().min(MAX_HEADERS),
-        }
+        spans
     }
 
     /// The fields of `head` (the buffer these spans were taken from, frozen),
@@ -134,11 +140,11 @@ impl FieldSpans {
         mut each: impl FnMut(&[u8], &[u8]),
     ) -> Result<Fields, InvalidField> {
         let mut fields = Fields {
-            headers: HeaderMap::with_capacity(self.count + room),
+            headers: HeaderMap::with_capacity(self.spans.len() + room),
             connection: ConnectionTokens::default(),
             body: BodyFields::default(),
         };
-        for &(n, nl, v, vl) in &self.spans[..self.count] {
+        for &(n, nl, v, vl) in &self.spans {
             let name = &head[n as usize..(n + nl) as usize];
             let raw = &head[v as usize..(v + vl) as usize];
             if name.eq_ignore_ascii_case(b"connection") && fields.connection.add(raw) {
@@ -304,7 +310,11 @@ impl BodyFraming {
                     }
                     return Poll::Ready(Ok(Some(Frame::data(buf.split_to(n as usize).freeze()))));
                 }
-                BodyFraming::Length(left) => (*left).min(READ_MAX as u64) as usize,
+                // One byte more than is left: a read that ends the body then comes
+                // up short, which tells tokio the socket is drained. A read that
+                // fills the buffer exactly leaves the socket marked readable, and
+                // the next use of the connection pays a system call to learn it is not.
+                BodyFraming::Length(left) => (*left).min(READ_MAX as u64) as usize + 1,
                 BodyFraming::Chunked(decoder) => match decoder.decode(buf)? {
                     Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
                     Decoded::Trailers(fields) => {
