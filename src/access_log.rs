@@ -80,6 +80,18 @@ impl RequestLine {
         }
     }
 
+    /// For a request whose head could not be read: `-` stands for the request line,
+    /// as the combined format has it for a field that is unknown.
+    pub fn unread(client: IpAddr) -> Self {
+        RequestLine {
+            client,
+            time: SystemTime::now(),
+            request: "-".into(),
+            referer: "-".into(),
+            user_agent: "-".into(),
+        }
+    }
+
     /// The finished line, newline included.
     pub fn format(
         &self,

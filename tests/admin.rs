@@ -125,3 +125,65 @@ fn access_log_writes_combined_lines_with_upstream_backend_and_duration() {
         "{line}"
     );
 }
+
+#[test]
+fn requests_refused_unread_are_counted_and_logged_without_a_route() {
+    use std::io::{Read, Write};
+    let a = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = simple_config(&[&a]) + &format!("access_log: {}\n", log.display());
+    let lb = Balancer::start(&yaml);
+    // No other test in this process makes these replies, so the counts are exact.
+    let count = |status: u16| -> u64 {
+        let needle = format!(
+            "bascule_requests_total{{upstream=\"none\",backend=\"none\",status=\"{status}\"}} "
+        );
+        get(lb.admin(), "/metrics")
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()).map(|n| n.parse().unwrap()))
+            .unwrap_or(0)
+    };
+    let (bad_before, version_before) = (count(400), count(505));
+    for (request, status) in [
+        (&b"GET / HTTP/1.1\r\nHost x\r\n\r\n"[..], 400),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    ] {
+        let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(parse_reply(&out).status, status);
+    }
+    assert_eq!(count(400) - bad_before, 2);
+    assert_eq!(count(505) - version_before, 1);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "three access log lines",
+        || std::fs::read_to_string(&log).is_ok_and(|s| s.lines().count() == 3 && s.ends_with('\n')),
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let statuses: Vec<&str> = text
+        .lines()
+        .map(|line| {
+            assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+            assert!(
+                line.contains("upstream=none backend=none duration="),
+                "{line}"
+            );
+            let rest = line
+                .split("] \"-\" ")
+                .nth(1)
+                .expect("no `\"-\"` request line");
+            rest.split(' ').next().unwrap()
+        })
+        .collect();
+    assert_eq!(statuses, ["400", "400", "505"]);
+}

@@ -131,7 +131,8 @@ where
                 Ok(Next::Closed) => return,
                 Err(HeadError::Refused(status, why)) => {
                     tracing::debug!(peer = %cx.peer, "request refused: {why}");
-                    let reply = refusal(status, why);
+                    let (reply, body) = refusal(status, why);
+                    let _exchange = proxy::Exchange::refused(&cx, status.as_u16(), body as u64);
                     let _ = tokio::time::timeout(limits.header_read, io.write_all(&reply)).await;
                     return;
                 }
@@ -943,8 +944,9 @@ fn encode_reply_head(
     (head, framing)
 }
 
-/// A reply bascule owes before closing a connection whose request it could not read.
-fn refusal(status: StatusCode, why: &str) -> Vec<u8> {
+/// A reply bascule owes before closing a connection whose request it could not
+/// read, and the length of its body.
+fn refusal(status: StatusCode, why: &str) -> (Vec<u8>, usize) {
     let body = format!(
         "{} {}: {why}\n",
         status.as_str(),
@@ -962,7 +964,7 @@ fn refusal(status: StatusCode, why: &str) -> Vec<u8> {
     reply.extend_from_slice(&date);
     reply.extend_from_slice(b"\r\n\r\n");
     reply.extend_from_slice(body.as_bytes());
-    reply
+    (reply, body.len())
 }
 
 /// The `Date` field's value, formatted once a second per thread.

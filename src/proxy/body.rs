@@ -55,6 +55,20 @@ impl Exchange {
         }
     }
 
+    /// A reply to a request refused before its head could be read (400, 431,
+    /// 505): counted and logged as a reply made without a route, as NGINX logs
+    /// its 400s, so that malformed traffic shows in the metrics.
+    pub fn refused(cx: &super::ConnContext, status: u16, bytes: u64) -> Self {
+        let log = cx
+            .access_log
+            .as_ref()
+            .map(|l| (l.clone(), Box::new(RequestLine::unread(cx.peer.ip()))));
+        let mut ex = Exchange::new(cx.activity.begin(), log);
+        ex.status = status;
+        ex.bytes = bytes;
+        ex
+    }
+
     fn counters(&self) -> &RequestCounters {
         match (&self.upstream, self.backend) {
             (Some(u), Some(b)) => &u.backends[b].requests,
