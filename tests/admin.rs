@@ -128,7 +128,6 @@ fn access_log_writes_combined_lines_with_upstream_backend_and_duration() {
 
 #[test]
 fn requests_refused_unread_are_counted_and_logged_without_a_route() {
-    use std::io::{Read, Write};
     let a = TestBackend::start("a");
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
@@ -154,13 +153,7 @@ fn requests_refused_unread_are_counted_and_logged_without_a_route() {
         ),
         (b"GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
     ] {
-        let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        s.write_all(request).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        assert_eq!(parse_reply(&out).status, status);
+        assert_eq!(parse_reply(&raw_exchange(lb.addr, request)).status, status);
     }
     assert_eq!(count(400) - bad_before, 2);
     assert_eq!(count(505) - version_before, 1);

@@ -410,16 +410,6 @@ fn backend_responses_are_framed_as_http1_says_and_their_connections_reused_when_
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
-/// Sends raw bytes on a fresh connection and reads until the server closes it.
-fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn client_requests_are_read_and_answered_as_http1_says() {
     let b = TestBackend::start("a");

@@ -310,11 +310,11 @@ impl BodyFraming {
                     }
                     return Poll::Ready(Ok(Some(Frame::data(buf.split_to(n as usize).freeze()))));
                 }
-                // One byte more than is left: a read that ends the body then comes
-                // up short, which tells tokio the socket is drained. A read that
-                // fills the buffer exactly leaves the socket marked readable, and
-                // the next use of the connection pays a system call to learn it is not.
-                BodyFraming::Length(left) => (*left).min(READ_MAX as u64) as usize + 1,
+                // Room for one byte more than is left: a read that ends the body then
+                // comes up short, which tells tokio the socket is drained. A read that
+                // fills the buffer exactly leaves the socket marked readable, and the
+                // next use of the connection pays a system call to learn it is not.
+                BodyFraming::Length(left) => (*left + 1).min(READ_MAX as u64) as usize,
                 BodyFraming::Chunked(decoder) => match decoder.decode(buf)? {
                     Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
                     Decoded::Trailers(fields) => {

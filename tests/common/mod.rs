@@ -443,6 +443,16 @@ pub fn get(addr: SocketAddr, path: &str) -> Reply {
     http1(addr, "GET", path, &[])
 }
 
+/// Sends raw bytes on a fresh connection and reads until the server closes it.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
 /// Parses a raw HTTP/1.1 reply (Content-Length, chunked or read-to-close bodies).
 pub fn parse_reply(raw: &[u8]) -> Reply {
     let mut headers = [httparse::EMPTY_HEADER; 64];
