@@ -125,6 +125,42 @@ fn backend_connections_are_reused_across_client_connections() {
     );
 }
 
+/// A client's connection is handed to the balancer with its first bytes, not at the end of its
+/// TCP handshake: until the client speaks, the kernel keeps the balancer's side half-open.
+#[test]
+fn a_connection_is_accepted_when_its_first_bytes_arrive() {
+    const SYN_RECV: &str = "03";
+    let b = TestBackend::start("a");
+    let lb = Balancer::start(&simple_config(&[&b]));
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    // On loopback the handshake's last ACK reaches the listener before connect returns.
+    let balancer_side = tcp_state(lb.addr, s.local_addr().unwrap());
+    assert_eq!(balancer_side.as_deref(), Some(SYN_RECV));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert_eq!(parse_reply(&out).status, 200);
+}
+
+/// The state (hex, as /proc/net/tcp gives it) of the IPv4 socket bound to `local` and facing
+/// `remote`.
+fn tcp_state(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<String> {
+    let hex = |a: std::net::SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => {
+            format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
+        }
+        std::net::IpAddr::V6(_) => unreachable!("the tests bind 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[1] == local && f[2] == remote)
+        .map(|f| f[3].to_string())
+}
+
 /// Backend connections opened by a burst of `n` overlapping requests.
 fn opened_by_burst(lb: &Balancer, b: &TestBackend, n: usize) -> usize {
     let before = b.connections.load(std::sync::atomic::Ordering::SeqCst);
