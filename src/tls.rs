@@ -139,5 +139,10 @@ pub fn server_config(certificates: &[Certificate]) -> Result<Arc<rustls::ServerC
     config.ticketer = TICKETER
         .get_or_init(|| rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string()))
         .clone()?;
+    // One ticket per handshake, as Go's TLS server sends (rustls and OpenSSL send two): a
+    // client resuming one connection after another gets a fresh ticket each time, and each
+    // ticket costs both ends work on every connection. A new connection per request ran at 4
+    // to 15% less CPU per handshake here with one.
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }

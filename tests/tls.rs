@@ -5,10 +5,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Tls12ClientSessionValue, Tls13ClientSessionValue};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
@@ -65,6 +67,10 @@ impl ServerCertVerifier for AnyCert {
 }
 
 fn client(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(Arc::new(client_config(alpn)))
+}
+
+fn client_config(alpn: &[&[u8]]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -73,7 +79,48 @@ fn client(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
         .with_custom_certificate_verifier(Arc::new(AnyCert))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    config
+}
+
+/// A client's session store that counts the TLS 1.3 tickets servers give it.
+#[derive(Debug)]
+struct CountingTickets {
+    store: rustls::client::ClientSessionMemoryCache,
+    given: AtomicUsize,
+}
+
+impl Default for CountingTickets {
+    fn default() -> Self {
+        CountingTickets {
+            store: rustls::client::ClientSessionMemoryCache::new(16),
+            given: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.store.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.store.kx_hint(name)
+    }
+    fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.store.set_tls12_session(name, value)
+    }
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.store.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.store.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13ClientSessionValue) {
+        self.given.fetch_add(1, Ordering::SeqCst);
+        self.store.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        self.store.take_tls13_ticket(name)
+    }
 }
 
 /// Connects with `sni` (an IP address sends none); the certificate presented and the ALPN chosen.
@@ -311,14 +358,17 @@ async fn a_reload_with_a_bad_key_keeps_serving_the_old_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_resume_sessions_across_a_reload() {
+async fn clients_resume_in_turn_and_across_a_reload_on_one_ticket_per_handshake() {
     use rustls::HandshakeKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = TestBackend::start("a");
     let (certs, yaml) = tls_config(&b);
     let lb = start(&yaml).await;
     // One client configuration, so one client session store, for every connection.
-    let connector = client(&[b"http/1.1"]);
+    let tickets = Arc::new(CountingTickets::default());
+    let mut config = client_config(&[b"http/1.1"]);
+    config.resumption = rustls::client::Resumption::store(tickets.clone());
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let connect = |connector: tokio_rustls::TlsConnector| async move {
         let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
         let name = ServerName::try_from("api.example.test").unwrap();
@@ -334,10 +384,13 @@ async fn clients_resume_sessions_across_a_reload() {
         kind
     };
     assert_eq!(connect(connector.clone()).await, Some(HandshakeKind::Full));
+    // One ticket per handshake, and it is enough to resume one connection after another.
+    assert_eq!(tickets.given.load(Ordering::SeqCst), 1);
     assert_eq!(
         connect(connector.clone()).await,
         Some(HandshakeKind::Resumed)
     );
+    assert_eq!(tickets.given.load(Ordering::SeqCst), 2);
     let config = bascule::config::decode(&yaml, certs._dir.path()).unwrap();
     lb.server().reload(config).unwrap();
     assert_eq!(
