@@ -99,6 +99,32 @@ fn requests_and_probes_reach_backends_over_verified_tls_with_h2_where_offered() 
 }
 
 #[test]
+fn a_stalled_upload_to_an_h2_backend_gets_408_and_costs_the_backend_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let a = TestBackend::start_tls("a", ca.acceptor(&["backend.test"], H2_AND_H1));
+    let b = TestBackend::start_tls("b", ca.acceptor(&["backend.test"], H2_AND_H1));
+    let tls = format!(
+        "{{ ca: {}/ca.pem, server_name: backend.test }}",
+        dir.path().display()
+    );
+    // One failure ejects a backend (one of two may be), if the stall were counted against it.
+    let passive = "    passive: { consecutive_failures: 1, ejection: 30s }\n";
+    let yaml = config(&[&a, &b], &tls, passive)
+        .replace("    routes:", "    timeouts: { body: 300ms }\n    routes:");
+    let lb = Balancer::start(&yaml);
+    let reply = raw_exchange(
+        lb.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello",
+    );
+    let r = parse_reply(&reply);
+    assert_eq!(r.status, 408, "{}", r.body);
+    // Neither backend was blamed: both still take requests.
+    let served = tally(lb.addr, 6);
+    assert_eq!(served.len(), 2, "{served:?}");
+}
+
+#[test]
 fn http2_false_keeps_backends_on_http1() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "ca");

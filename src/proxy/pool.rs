@@ -26,11 +26,14 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -41,6 +44,7 @@ use tokio::time::Instant;
 
 use super::h1::{self, Failure, Stream};
 use crate::backend_tls::{self, Connector};
+use crate::http1::{BodyFailed, BoxError};
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -85,7 +89,7 @@ const STALE_AFTER: Duration = Duration::from_millis(100);
 enum Sender {
     Http1(h1::Conn),
     /// A clone of a worker's shared HTTP/2 connection.
-    Http2(http2::SendRequest<OutBody>),
+    Http2(http2::SendRequest<H2Body>),
 }
 
 struct Idle {
@@ -114,7 +118,7 @@ pub struct Pool {
     /// HTTP/1.1 connections, one list per worker.
     idle: Box<[Mutex<Vec<Idle>>]>,
     /// Each worker's HTTP/2 connection, when the backend speaks it.
-    shared: Box<[Mutex<Option<http2::SendRequest<OutBody>>>]>,
+    shared: Box<[Mutex<Option<http2::SendRequest<H2Body>>>]>,
     tls: Option<Connector>,
     opened: Counter,
 }
@@ -321,9 +325,10 @@ impl Pool {
                 } else {
                     None
                 };
-                match h2.try_send_request(req).await {
+                let (watched, upload) = H2Body::watch(req);
+                match h2.try_send_request(watched).await {
                     Ok(resp) => return Ok(resp.map(Either::Right)),
-                    Err(mut e) => match e.take_message() {
+                    Err(mut e) => match e.take_message().map(|r| r.map(|b| b.body)) {
                         Some(unsent) if reused => req = unsent,
                         Some(unsent) => {
                             return Err(SendError::Connect(
@@ -331,11 +336,12 @@ impl Pool {
                                 Box::new(unsent),
                             ))
                         }
-                        None => match copy {
-                            Some(again) if reused && e.error().is_incomplete_message() => {
+                        None => match (upload.failed(), copy) {
+                            (Some(failed), _) => return Err(SendError::Upload(Box::new(failed))),
+                            (None, Some(again)) if reused && e.error().is_incomplete_message() => {
                                 req = again
                             }
-                            again => {
+                            (None, again) => {
                                 let again = again.filter(|_| replay).map(Box::new);
                                 return Err(SendError::Exchange(e.into_error().into(), again));
                             }
@@ -370,6 +376,59 @@ impl Pool {
         if slot.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *slot = None;
         }
+    }
+}
+
+/// A request body on its way to an HTTP/2 backend, which keeps its own failure for the
+/// request's task to see: hyper's client resets the stream when the body fails, and the error
+/// the request then gets does not say it was the body (the client's doing, not the backend's).
+struct H2Body {
+    body: OutBody,
+    failed: Arc<Mutex<Option<BoxError>>>,
+}
+
+/// Where an `H2Body`'s failure is found once the request is over.
+struct UploadWatch(Arc<Mutex<Option<BoxError>>>);
+
+impl H2Body {
+    fn watch(req: Request<OutBody>) -> (Request<H2Body>, UploadWatch) {
+        let failed = Arc::new(Mutex::new(None));
+        let watch = UploadWatch(failed.clone());
+        (req.map(|body| H2Body { body, failed }), watch)
+    }
+}
+
+impl UploadWatch {
+    /// The body's failure, if it failed.
+    fn failed(self) -> Option<BodyFailed> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take().map(BodyFailed)
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                Poll::Ready(Some(Err("the request body failed".into())))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
