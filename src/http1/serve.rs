@@ -946,22 +946,18 @@ fn encode_reply_head(
 
 /// A reply bascule owes before closing a connection whose request it could not
 /// read, and the length of its body.
-fn refusal(status: StatusCode, why: &str) -> (Vec<u8>, usize) {
-    let body = format!(
-        "{} {}: {why}\n",
-        status.as_str(),
-        status.canonical_reason().unwrap_or("")
+fn refusal(status: StatusCode, why: &str) -> (BytesMut, usize) {
+    let reason = status.canonical_reason().unwrap_or("");
+    let body = format!("{} {reason}: {why}\n", status.as_str());
+    let mut reply = BytesMut::from(
+        format!(
+            "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: ",
+            status.as_str(),
+            body.len()
+        )
+        .as_bytes(),
     );
-    let mut reply = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: ",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    )
-    .into_bytes();
-    let mut date = BytesMut::new();
-    date::push(&mut date);
-    reply.extend_from_slice(&date);
+    date::push(&mut reply);
     reply.extend_from_slice(b"\r\n\r\n");
     reply.extend_from_slice(body.as_bytes());
     (reply, body.len())
