@@ -79,7 +79,7 @@ impl BackendTls {
             (None, false) => system_roots()?,
         };
         let build = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let provider = Arc::new(crate::tls::crypto::default_provider());
             let builder = ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?;

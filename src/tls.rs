@@ -16,6 +16,9 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The crypto provider, named once for listeners and for TLS to backends alike.
+pub(crate) use rustls::crypto::aws_lc_rs as crypto;
+
 /// One certificate of a listener, loaded and ready.
 #[derive(Clone)]
 pub struct Certificate {
@@ -60,7 +63,7 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Certificate, String> {
     }
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| format!("{} is not a PEM private key: {e}", key_path.display()))?;
-    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+    let signing = crypto::sign::any_supported_type(&key)
         .map_err(|e| format!("{}: unsupported key: {e}", key_path.display()))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| {
@@ -115,7 +118,7 @@ impl ResolvesServerCert for SniResolver {
 
 /// The rustls server configuration for a listener's certificates.
 pub fn server_config(certificates: &[Certificate]) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut provider = crypto::default_provider();
     // AES-128-GCM with SHA-256 first, and the server's order wins: clients
     // (OpenSSL's among them) list AES-256 with SHA-384 first, whose key schedule
     // costs a handshake about 13% more CPU here for no practical gain in strength.
@@ -138,7 +141,7 @@ pub fn server_config(certificates: &[Certificate]) -> Result<Arc<rustls::ServerC
     // full handshake.
     static TICKETER: OnceLock<Result<Arc<dyn ProducesTickets>, String>> = OnceLock::new();
     config.ticketer = TICKETER
-        .get_or_init(|| rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string()))
+        .get_or_init(|| crypto::Ticketer::new().map_err(|e| e.to_string()))
         .clone()?;
     // One ticket per handshake, as Go's TLS server sends (rustls and OpenSSL send two): a
     // client resuming one connection after another gets a fresh ticket each time, and each
