@@ -200,3 +200,89 @@ fn upstream_tls_mistakes_are_config_errors() {
     let key = problems("{ insecure_skip_verify: true, alpn: h2 }");
     assert!(key[0].contains("alpn: unknown key"), "{key:?}");
 }
+
+/// A backend that takes connections and never says a word: a TLS handshake
+/// with it hangs, as a connect to a black-holed address would. Records each
+/// connection's peer, in the order taken.
+fn silent_backend() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((s, peer)) = listener.accept() {
+            seen.lock().unwrap().push(peer);
+            held.push(s);
+        }
+    });
+    (addr, peers)
+}
+
+#[test]
+fn a_burst_on_a_hanging_backend_opens_a_limited_number_and_each_request_fails_by_its_own_timeout() {
+    use std::io::Write;
+    use std::time::Instant;
+
+    let (addr, peers) = silent_backend();
+    // One worker: at most 8 connections opening at once.
+    const LIMIT: usize = 8;
+    const REQUESTS: usize = 3 * LIMIT;
+    let connect = Duration::from_secs(3);
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    tls: {{ insecure_skip_verify: true }}\n    retries: 0\n    timeouts: {{ connect: 3s }}\n    backends:\n      - {addr}\nadmin:\n  bind: 127.0.0.1:0\nworkers: 1\n"
+    );
+    let lb = Balancer::start(&yaml);
+    let start = Instant::now();
+    let mut clients: Vec<std::net::TcpStream> = (0..REQUESTS)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    wait_until(
+        Duration::from_secs(2),
+        "every request at the backend",
+        || {
+            status_json(lb.admin())["upstreams"]["app"]["backends"][0]["active_requests"]
+                == REQUESTS
+        },
+    );
+    wait_until(Duration::from_secs(2), "the first connects", || {
+        peers.lock().unwrap().len() >= LIMIT
+    });
+    // The backend takes connections in the order they came: once this one is
+    // taken, every connection the balancer had opened so far has been counted.
+    let marker = std::net::TcpStream::connect(addr).unwrap();
+    let marker = marker.local_addr().unwrap();
+    wait_until(Duration::from_secs(2), "the marker connection", || {
+        peers.lock().unwrap().contains(&marker)
+    });
+    assert!(
+        start.elapsed() < connect,
+        "too slow to see the first connects before they time out"
+    );
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        LIMIT + 1,
+        "opened at once, with the marker"
+    );
+
+    // The rest waited in turn, each within its own connect timeout, not a
+    // timeout per turn before it.
+    let mut buf = Vec::new();
+    for client in &mut clients {
+        let reply = read_reply(client, &mut buf).unwrap();
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        buf.clear();
+    }
+    let took = start.elapsed();
+    assert!(
+        took < connect + Duration::from_millis(1500),
+        "{REQUESTS} requests took {took:?} to fail"
+    );
+}

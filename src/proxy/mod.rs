@@ -1,6 +1,7 @@
 //! The request path: route, pick a backend, rewrite headers, forward, stream back.
 
 pub mod body;
+mod connect_queue;
 pub mod error;
 pub mod h1;
 pub mod hash_key;
