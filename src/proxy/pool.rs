@@ -92,9 +92,9 @@ const STALE_AFTER: Duration = Duration::from_millis(100);
 
 /// Connections opened to one backend at once, per worker. Measured with 640
 /// HTTP/2 streams arriving together at a fresh balancer (one worker, three
-/// backends): 16 opened about 320 connections and the mean reply took 25 to
-/// 35 ms, 8 opened fewer and took 12 to 13 (50 to 80 ms with no limit, 600
-/// connections opened). Each connect also costs the backend, and the exchanges
+/// backends): 16 opened about 300 connections and the mean reply took 25 to
+/// 38 ms, 8 took 12 to 13 (49 to 83 ms with no limit, about 610 connections
+/// opened). Each connect also costs the backend, and the exchanges
 /// already running give their connections back within a moment. A backend
 /// that closes every connection after one reply is not held back by it on
 /// 127.0.0.1 (the same requests/s with 4 or no limit).
