@@ -16,6 +16,10 @@ use crate::backend_tls::BackendTls;
 use super::yaml::{self, Node, Pos, Value};
 use super::*;
 
+/// The longest duration a config may give (any timeout or interval): 100 of
+/// humantime's years of 365.25 days.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// Decodes `text`; relative file paths in it are taken from `base`.
 pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let root = yaml::parse(text).map_err(|e| {
@@ -189,12 +193,18 @@ impl Decoder<'_> {
         }
     }
 
+    /// Durations are bounded so that a deadline made from one (now + timeout)
+    /// can always be represented; humantime accepts far larger.
     fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
         self.parsed(node, path, "a duration", |s| {
             if s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(" (give a unit: 250ms, 2s, 5m, 1h)".into());
             }
-            humantime::parse_duration(s).map_err(|e| format!(" ({e})"))
+            let d = humantime::parse_duration(s).map_err(|e| format!(" ({e})"))?;
+            if d > MAX_DURATION {
+                return Err(" of at most 100 years".into());
+            }
+            Ok(d)
         })
     }
 
@@ -1085,6 +1095,18 @@ mod tests {
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
                 "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_idle_connections, passive, retries, retry_budget, slow_start, sticky, timeouts, tls)",
             ]
+        );
+    }
+
+    #[test]
+    fn a_duration_too_long_for_a_deadline_is_a_problem() {
+        let text = MINIMAL.replace(
+            "    backends:",
+            "    timeouts: { connect: 400000000000years, idle: 100years }\n    backends:",
+        );
+        assert_eq!(
+            problems(&text),
+            vec!["7:26: upstreams.app.timeouts.connect: `400000000000years` is not a duration of at most 100 years"]
         );
     }
 
