@@ -16,10 +16,11 @@
 //! per connection. The connection goes back to the pool only once its response
 //! body has been read to the end; a response cut short closes it.
 //!
-//! A request that finds no idle connection opens one, at most
-//! `OPENING_PER_WORKER` per worker at once; beyond that it waits in turn for a
-//! connection given back or a turn to open one (`connect_queue.rs`), all of
-//! it within the connect timeout.
+//! A request that finds no idle connection opens one, with at most
+//! `OPENING_PER_WORKER` times the number of workers opening at once (one limit
+//! for the whole pool); beyond that it waits in turn for a connection given
+//! back or a turn to open one (`connect_queue.rs`), all of it within the
+//! connect timeout.
 //!
 //! A backend may close an idle keep-alive connection just as a request is sent
 //! on it. If the request never left, it is sent again on another connection. If
@@ -90,7 +91,8 @@ const SURPLUS_AFTER: Duration = Duration::from_secs(1);
 /// A connection idle this long may have been closed by the backend's keep-alive timeout.
 const STALE_AFTER: Duration = Duration::from_millis(100);
 
-/// Connections opened to one backend at once, per worker. Measured with 640
+/// Connections opening to one backend at once, per worker (the pool's limit is
+/// this times the number of workers, shared by all of them). Measured with 640
 /// HTTP/2 streams arriving together at a fresh balancer (one worker, three
 /// backends): 16 opened about 300 connections and the mean reply took 25 to
 /// 38 ms, 8 took 12 to 13 (49 to 83 ms with no limit, about 610 connections
@@ -148,7 +150,9 @@ pub struct Pool {
     shared: Box<[Mutex<Option<http2::SendRequest<H2Body>>>]>,
     tls: Option<Connector>,
     opened: Counter,
-    /// HTTP/1.1 connections given back by one request to another waiting.
+    /// The limit on connections opening at once, and the requests waiting for
+    /// a turn or for an HTTP/1.1 connection another request gives back (with
+    /// the worker it goes back to).
     opening: Arc<ConnectQueue<(h1::Conn, usize)>>,
 }
 
@@ -268,6 +272,8 @@ impl Pool {
                     Some(idle) => return Ok(idle),
                     None => turn,
                 },
+                // `Ok(Err(_))`, the queue gone without an answer, cannot happen
+                // while this pool lives; it is read as the timeout all the same.
                 Ok(Err(_)) | Err(_) => return Err(io::ErrorKind::TimedOut.into()),
             },
         };
