@@ -69,7 +69,7 @@ impl Snapshot {
                 config: l.clone(),
                 router: Router::new(&l.routes, index),
                 tls: l.tls.as_ref().and_then(|t| {
-                    match crate::tls::server_config(&t.certificates) {
+                    match crate::tls::server_config(&t.certificates, &t.protocols) {
                         Ok(config) => Some(tokio_rustls::TlsAcceptor::from(config)),
                         Err(e) => {
                             tracing::error!(listener = %l.name, "TLS setup failed: {e}");

@@ -116,8 +116,37 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// A TLS version a listener may offer: the versions rustls supports, both by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tls12,
+    Tls13,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Tls12, Protocol::Tls13];
+
+    /// The name in the config, as NGINX's `ssl_protocols` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tls12 => "TLSv1.2",
+            Protocol::Tls13 => "TLSv1.3",
+        }
+    }
+
+    fn version(self) -> &'static rustls::SupportedProtocolVersion {
+        match self {
+            Protocol::Tls12 => &rustls::version::TLS12,
+            Protocol::Tls13 => &rustls::version::TLS13,
+        }
+    }
+}
+
 /// The rustls server configuration for a listener's certificates.
-pub fn server_config(certificates: &[Certificate]) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(
+    certificates: &[Certificate],
+    protocols: &[Protocol],
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut provider = crypto::default_provider();
     // AES-128-GCM with SHA-256 first, and the server's order wins: clients
     // (OpenSSL's among them) list AES-256 with SHA-384 first, whose key schedule
@@ -127,7 +156,7 @@ pub fn server_config(certificates: &[Certificate]) -> Result<Arc<rustls::ServerC
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     let provider = Arc::new(provider);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&protocols.iter().map(|p| p.version()).collect::<Vec<_>>())
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver {

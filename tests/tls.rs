@@ -71,9 +71,16 @@ fn client(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
 }
 
 fn client_config(alpn: &[&[u8]]) -> rustls::ClientConfig {
+    client_config_for(alpn, rustls::DEFAULT_VERSIONS)
+}
+
+fn client_config_for(
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert))
@@ -326,6 +333,68 @@ fn a_redirect_https_listener_sends_clients_to_https() {
     // http1() sends Host: 127.0.0.1:PORT; the port is dropped for https's 443.
     assert_eq!(r.headers["location"], "https://127.0.0.1/cart?item=3");
     assert!(r.body.starts_with("301 Moved Permanently"));
+}
+
+/// The TLS version a client offering `versions` agrees with the listener at
+/// `addr`, after an exchange that reaches the backend; `None` if the handshake fails.
+async fn agreed_version(
+    addr: SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Option<rustls::ProtocolVersion> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config_for(&[], versions)));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("default.example.test").unwrap();
+    let tls = connector.connect(name, tcp).await.ok()?;
+    let version = tls.get_ref().1.protocol_version();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "default.example.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocols_limit_the_tls_versions_a_listener_offers() {
+    use rustls::version::{TLS12, TLS13};
+    use rustls::ProtocolVersion::{TLSv1_2, TLSv1_3};
+    let b = TestBackend::start("a");
+    let (_certs, yaml) = tls_config(&b);
+
+    // By default both: a client that can, gets TLS 1.3.
+    let lb = start(&yaml).await;
+    assert_eq!(
+        agreed_version(lb.addr, &[&TLS13, &TLS12]).await,
+        Some(TLSv1_3)
+    );
+    assert_eq!(agreed_version(lb.addr, &[&TLS12]).await, Some(TLSv1_2));
+    stop(lb).await;
+
+    let only = |protocols: &str| {
+        yaml.replace(
+            "    routes:",
+            &format!("      protocols: [{protocols}]\n    routes:"),
+        )
+    };
+    let lb = start(&only("TLSv1.3")).await;
+    assert_eq!(
+        agreed_version(lb.addr, &[&TLS13, &TLS12]).await,
+        Some(TLSv1_3)
+    );
+    assert_eq!(agreed_version(lb.addr, &[&TLS12]).await, None);
+    stop(lb).await;
+
+    let lb = start(&only("TLSv1.2")).await;
+    assert_eq!(
+        agreed_version(lb.addr, &[&TLS13, &TLS12]).await,
+        Some(TLSv1_2)
+    );
+    assert_eq!(agreed_version(lb.addr, &[&TLS13]).await, None);
+    stop(lb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -910,11 +910,38 @@ impl Decoder<'_> {
             Duration::from_secs(10),
             Self::duration,
         );
+        let protocols = self.optional(
+            &mut f,
+            "protocols",
+            crate::tls::Protocol::ALL.to_vec(),
+            Self::tls_protocols,
+        );
         self.finish(f);
         Some(TlsConfig {
             certificates: certificates?,
             handshake_timeout: handshake_timeout?,
+            protocols: protocols?,
         })
+    }
+
+    fn tls_protocols(&mut self, node: &Node, path: &str) -> Option<Vec<crate::tls::Protocol>> {
+        use crate::tls::Protocol;
+        let items = self.seq(node, path)?;
+        if items.is_empty() {
+            self.problem(Some(node.pos), path, "at least one protocol is needed");
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            out.push(self.parsed(item, &p, "a TLS version bascule offers", |s| {
+                Protocol::ALL
+                    .into_iter()
+                    .find(|v| v.name() == s)
+                    .ok_or_else(|| " (TLSv1.2, TLSv1.3)".to_string())
+            }));
+        }
+        out.into_iter().collect()
     }
 
     fn backend_tls(&mut self, node: &Node, path: &str) -> Option<BackendTls> {
@@ -1107,6 +1134,30 @@ mod tests {
         assert_eq!(
             problems(&text),
             vec!["7:26: upstreams.app.timeouts.connect: `400000000000years` is not a duration of at most 100 years"]
+        );
+    }
+
+    #[test]
+    fn tls_protocols_are_named_as_nginx_names_them() {
+        let with = |protocols: &str| {
+            let tls = format!("    tls:\n      certificates: [{{ cert: c.pem, key: c.key }}]\n      protocols: {protocols}\n");
+            let p = problems(&MINIMAL.replace("    routes:", &format!("{tls}    routes:")));
+            // The certificate does not exist; only what the protocols add is of interest here.
+            p.into_iter()
+                .filter(|p| p.contains("protocols"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(with("[TLSv1.2, TLSv1.3]"), Vec::<String>::new());
+        assert_eq!(
+            with("[TLSv1.3, TLSv1.1, tls1.2]"),
+            vec![
+                "5:28: listeners[0].tls.protocols[1]: `TLSv1.1` is not a TLS version bascule offers (TLSv1.2, TLSv1.3)",
+                "5:37: listeners[0].tls.protocols[2]: `tls1.2` is not a TLS version bascule offers (TLSv1.2, TLSv1.3)",
+            ]
+        );
+        assert_eq!(
+            with("[]"),
+            vec!["5:18: listeners[0].tls.protocols: at least one protocol is needed"]
         );
     }
 

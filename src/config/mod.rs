@@ -73,6 +73,8 @@ pub struct TlsConfig {
     pub certificates: Vec<crate::tls::Certificate>,
     /// A client must finish its handshake within this. Default 10s.
     pub handshake_timeout: Duration,
+    /// The TLS versions offered, in NGINX's spelling (`ssl_protocols`). Default both.
+    pub protocols: Vec<crate::tls::Protocol>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
