@@ -247,16 +247,7 @@ async fn alpn_h2_and_http1_over_tls_reach_the_backend_as_https() {
 
     let (_, alpn, stream) = handshake(lb.addr, "api.example.test", &[b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/y")
-        .header("host", "api.example.test")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(get_over(stream, "api.example.test", "/y").await, 200);
     stop(lb).await;
 }
 
@@ -335,6 +326,23 @@ fn a_redirect_https_listener_sends_clients_to_https() {
     assert!(r.body.starts_with("301 Moved Permanently"));
 }
 
+/// One HTTP/1.1 GET over an open connection; the reply's status.
+async fn get_over<S>(stream: S, host: &str, path: &str) -> http::StatusCode
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    send.send_request(req).await.unwrap().status()
+}
+
 /// The TLS version a client offering `versions` agrees with the listener at
 /// `addr`, after an exchange that reaches the backend; `None` if the handshake fails.
 async fn agreed_version(
@@ -346,15 +354,7 @@ async fn agreed_version(
     let name = ServerName::try_from("default.example.test").unwrap();
     let tls = connector.connect(name, tcp).await.ok()?;
     let version = tls.get_ref().1.protocol_version();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/")
-        .header("host", "default.example.test")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(get_over(tls, "default.example.test", "/").await, 200);
     version
 }
 

@@ -162,6 +162,22 @@ impl Decoder<'_> {
         }
     }
 
+    /// Each item of a list, decoded by `one` at its own path (`path[i]`): every
+    /// item's problems are reported, and the list is `None` if any had one.
+    fn each<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        mut one: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let items = self.seq(node, path)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            out.push(one(self, item, &format!("{path}[{i}]")));
+        }
+        out.into_iter().collect()
+    }
+
     fn string(&mut self, node: &Node, path: &str) -> Option<String> {
         match &node.value {
             Value::Scalar(s) => Some(s.clone()),
@@ -926,22 +942,19 @@ impl Decoder<'_> {
 
     fn tls_protocols(&mut self, node: &Node, path: &str) -> Option<Vec<crate::tls::Protocol>> {
         use crate::tls::Protocol;
-        let items = self.seq(node, path)?;
-        if items.is_empty() {
-            self.problem(Some(node.pos), path, "at least one protocol is needed");
-            return None;
-        }
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
-            out.push(self.parsed(item, &p, "a TLS version bascule offers", |s| {
+        let protocols = self.each(node, path, |d, item, p| {
+            d.parsed(item, p, "a TLS version bascule offers", |s| {
                 Protocol::ALL
                     .into_iter()
                     .find(|v| v.name() == s)
                     .ok_or_else(|| " (TLSv1.2, TLSv1.3)".to_string())
-            }));
+            })
+        })?;
+        if protocols.is_empty() {
+            self.problem(Some(node.pos), path, "at least one protocol is needed");
+            return None;
         }
-        out.into_iter().collect()
+        Some(protocols)
     }
 
     fn backend_tls(&mut self, node: &Node, path: &str) -> Option<BackendTls> {
@@ -1066,18 +1079,14 @@ impl Decoder<'_> {
     }
 
     fn methods(&mut self, node: &Node, path: &str) -> Option<Vec<Method>> {
-        let items = self.seq(node, path)?;
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
-            out.push(self.parsed(item, &p, "an HTTP method", |s| {
+        self.each(node, path, |d, item, p| {
+            d.parsed(item, p, "an HTTP method", |s| {
                 if !s.bytes().all(|b| b.is_ascii_uppercase()) {
                     return Err(" (methods are upper case, such as GET)".into());
                 }
                 Method::from_bytes(s.as_bytes()).map_err(|_| String::new())
-            }));
-        }
-        out.into_iter().collect()
+            })
+        })
     }
 }
 
