@@ -947,7 +947,7 @@ impl Decoder<'_> {
                 Protocol::ALL
                     .into_iter()
                     .find(|v| v.name() == s)
-                    .ok_or_else(|| " (TLSv1.2, TLSv1.3)".to_string())
+                    .ok_or_else(|| format!(" ({})", Protocol::ALL.map(Protocol::name).join(", ")))
             })
         })?;
         if protocols.is_empty() {
