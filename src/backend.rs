@@ -14,7 +14,7 @@ use http::uri::Authority;
 
 use crate::config::BackendConfig;
 use crate::metrics::RequestCounters;
-use crate::proxy::pool::Pool;
+use crate::pool::Pool;
 
 /// Milliseconds on a process-wide monotonic clock; never 0.
 pub fn now_ms() -> u64 {

@@ -22,7 +22,6 @@ use tokio::task::AbortHandle;
 use crate::backend::{now_ms, BackendState};
 use crate::backend_tls::{BackendTls, Connector};
 use crate::config::{HealthCheckConfig, PassiveConfig};
-use crate::state::Snapshot;
 use crate::upstream::Upstream;
 
 pub const USER_AGENT: &str = concat!("bascule-health-check/", env!("CARGO_PKG_VERSION"));
@@ -282,9 +281,9 @@ impl HealthChecks {
     /// Starts probing new backends, stops probing removed ones, and restarts the
     /// ones whose check changed. State lives in `BackendState`, so a restarted
     /// task carries on where the old one was.
-    pub fn sync(&mut self, snapshot: &Snapshot) {
+    pub fn sync(&mut self, upstreams: &[Arc<Upstream>]) {
         let mut wanted = HashMap::new();
-        for u in &snapshot.upstreams {
+        for u in upstreams {
             let Some(config) = &u.health_check else {
                 continue;
             };

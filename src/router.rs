@@ -1,7 +1,7 @@
-//! Maps a request to an upstream: host, path prefix and method, first match wins.
+//! Maps a request to a route: host, path prefix and method, first match wins.
 //!
-//! Pure: it sees the request's host, path and method and answers with an index
-//! into the snapshot's upstreams.
+//! Pure: it sees the request's host, path and method and answers with the
+//! route's index among its listener's routes.
 
 use http::Method;
 
@@ -12,7 +12,6 @@ struct Route {
     host: Option<HostMatch>,
     path_prefix: Option<String>,
     methods: Vec<Method>,
-    upstream: usize,
 }
 
 #[derive(Debug, Default)]
@@ -21,8 +20,7 @@ pub struct Router {
 }
 
 impl Router {
-    /// `upstream_index` resolves a route's upstream name; validation has made sure it exists.
-    pub fn new(routes: &[RouteConfig], upstream_index: impl Fn(&str) -> usize) -> Self {
+    pub fn new(routes: &[RouteConfig]) -> Self {
         Router {
             routes: routes
                 .iter()
@@ -30,26 +28,22 @@ impl Router {
                     host: r.host.clone(),
                     path_prefix: r.path_prefix.clone(),
                     methods: r.methods.clone(),
-                    upstream: upstream_index(&r.upstream),
                 })
                 .collect(),
         }
     }
 
-    /// The upstream of the first route that matches. `host` is the request's Host
+    /// The index of the first route that matches. `host` is the request's Host
     /// (or :authority), port included or not.
     pub fn route(&self, host: Option<&str>, path: &str, method: &Method) -> Option<usize> {
         let host = host.map(strip_port);
-        self.routes
-            .iter()
-            .find(|r| {
-                r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
-                    && (r.methods.is_empty() || r.methods.contains(method))
-                    && r.host
-                        .as_ref()
-                        .is_none_or(|m| host.is_some_and(|h| host_matches(m, h)))
-            })
-            .map(|r| r.upstream)
+        self.routes.iter().position(|r| {
+            r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+                && (r.methods.is_empty() || r.methods.contains(method))
+                && r.host
+                    .as_ref()
+                    .is_none_or(|m| host.is_some_and(|h| host_matches(m, h)))
+        })
     }
 }
 
@@ -106,7 +100,8 @@ mod tests {
             route(Some("*.example.com"), None, &[], "1"),
             route(None, Some("/static"), &[], "2"),
         ];
-        Router::new(&routes, |n| n.parse().unwrap())
+        // Each route's upstream is named for its index, the router's answer.
+        Router::new(&routes)
     }
 
     #[test]

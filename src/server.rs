@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::server::conn::http2;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -26,9 +26,11 @@ use crate::access_log::AccessLogger;
 use crate::admin;
 use crate::client_io::{Activity, ClientIo};
 use crate::config::Config;
+use crate::entry::Entry;
 use crate::health::HealthChecks;
 use crate::http1::{self, serve::ClientStream};
 use crate::proxy::{self, ConnContext};
+use crate::stack::Layers;
 use crate::state::{Snapshot, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,11 @@ impl Server {
     /// Binds every listener and the admin endpoint, then starts the workers.
     /// Nothing is started if any bind fails.
     pub fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_with(config, Layers::default())
+    }
+
+    /// As `start`, with `layers` added to routes (`stack.rs`), now and on every reload.
+    pub fn start_with(config: Config, layers: Layers) -> Result<Server, StartError> {
         let workers = config.worker_count();
         let access_log = AccessLogger::start(&config.access_log).map_err(StartError::AccessLog)?;
 
@@ -128,7 +135,8 @@ impl Server {
             };
         let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
 
-        let state = Arc::new(State::new(Snapshot::build(Arc::new(config), None)));
+        let snapshot = Snapshot::build_with(Arc::new(config), None, layers);
+        let state = Arc::new(State::new(snapshot));
         let shutdown = CancellationToken::new();
         let mut threads = Vec::new();
         let mut commands = Vec::new();
@@ -226,12 +234,12 @@ fn control(
         // The admin listener being served; a reload that moves it sends a new socket.
         let mut admin_stop: Option<CancellationToken> = None;
         let mut checks = HealthChecks::default();
-        checks.sync(&state.load());
+        checks.sync(&state.load().upstreams);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = reloaded.notified() => checks.sync(&state.load()),
+                _ = reloaded.notified() => checks.sync(&state.load().upstreams),
                 Some(socket) = admin_sockets.recv() => {
                     if let Some(stop) = admin_stop.take() {
                         stop.cancel();
@@ -324,7 +332,7 @@ impl Worker {
         sockets: Vec<Bound>,
         mut commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
     ) {
-        crate::proxy::pool::set_worker(index);
+        crate::pool::set_worker(index);
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -478,13 +486,22 @@ impl Worker {
         at: Accepted,
         limits: Limits,
     ) -> impl std::future::Future<Output = ()> + Send {
-        let cx = self.context(&at, tls, Arc::default());
+        let entry = self.entry(&at, tls, Arc::default());
+        let refused = {
+            let entry = entry.clone();
+            move |status, bytes| entry.refused(status, bytes)
+        };
+        let conn = http1::serve::Connection {
+            peer: at.peer,
+            tls,
+            limits: limits.http1,
+        };
         let stop = at.stop.clone();
         let http2 = (!tls).then_some(move |io: S, read: Bytes| {
             let io = ClientIo::new(io, Arc::default(), limits.http1.keepalive).with_prefix(read);
             self.serve_http2(io, false, at, limits)
         });
-        http1::serve::serve(io, cx, limits.http1, stop, http2)
+        http1::serve::serve(io, conn, entry, refused, stop, http2)
     }
 
     /// A TLS connection, its handshake done: HTTP/2 if ALPN chose it, else HTTP/1.1.
@@ -517,18 +534,9 @@ impl Worker {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let cx = self.context(&at, tls, io.activity().clone());
-        // Boxed: HTTP/2 spawns every stream's future as a task, moving it several
-        // times on the way; a box moves as a pointer, the future itself is 4 KB.
-        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let cx = cx.clone();
-            // The proxy's future made inside the block: made outside, the block
-            // would keep room for it twice, to be copied into each stream's box.
-            Box::pin(async move {
-                let reply = proxy::serve(cx, req.map(proxy::ClientBody::Right));
-                Ok::<_, std::convert::Infallible>(reply.await)
-            })
-        });
+        // The entry's futures are boxed: HTTP/2 spawns every stream's future as a
+        // task, moving it several times on the way; a box moves as a pointer.
+        let service = TowerToHyperService::new(self.entry(&at, tls, io.activity().clone()));
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(limits.http1.head as u32)
@@ -538,17 +546,17 @@ impl Worker {
         }))
     }
 
-    fn context(&self, at: &Accepted, tls: bool, activity: Arc<Activity>) -> Arc<ConnContext> {
-        Arc::new(ConnContext {
-            state: self.state.clone(),
-            listener: at.key,
+    /// The request path's way in, for one connection.
+    fn entry(&self, at: &Accepted, tls: bool, activity: Arc<Activity>) -> Entry {
+        let cx = Arc::new(ConnContext {
             peer: at.peer,
             client_ip: proxy::headers::client_ip_value(at.peer.ip()),
             tls,
             activity,
             tunnels: at.tunnels.clone(),
             access_log: self.access_log.clone(),
-        })
+        });
+        Entry::new(self.state.clone(), at.key, cx)
     }
 }
 
@@ -601,6 +609,7 @@ impl Limits {
                 body: listener.body_timeout,
                 send: listener.send_timeout,
                 head: proxy::head_limit(listener.max_header_bytes),
+                added_fields: proxy::headers::ADDED_FIELDS,
             },
         }
     }

@@ -16,13 +16,24 @@ use crate::backend::{Backend, BackendState};
 use crate::backend_tls::Connector;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
 use crate::metrics as m;
-use crate::proxy::pool::{Pool, PoolSettings};
+use crate::pool::{Pool, PoolSettings};
+use crate::proxy::Proxy;
 use crate::router::Router;
+use crate::stack::{Layers, RouteSite, Stack};
 use crate::upstream::Upstream;
+
+/// A route as requests run it: its upstream, and its stack of services.
+#[derive(Debug)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    pub stack: Stack,
+}
 
 pub struct ListenerRoutes {
     pub config: ListenerConfig,
     pub router: Router,
+    /// In config order: the router answers with an index into this.
+    pub routes: Vec<Route>,
     /// For TLS listeners: the handshake with this config's certificates.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -40,11 +51,24 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<ListenerRoutes>,
+    /// The layers a program added to routes, carried to every snapshot built from this one.
+    pub layers: Layers,
 }
 
 impl Snapshot {
-    /// Builds the snapshot for `config`, carrying state over from `previous`.
+    /// Builds the snapshot for `config`, carrying state over from `previous`,
+    /// and its layers.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let layers = previous.map(|p| p.layers.clone()).unwrap_or_default();
+        Snapshot::build_with(config, previous, layers)
+    }
+
+    /// As `build`, with `layers` on every route.
+    pub fn build_with(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        layers: Layers,
+    ) -> Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -67,7 +91,24 @@ impl Snapshot {
             .iter()
             .map(|l| ListenerRoutes {
                 config: l.clone(),
-                router: Router::new(&l.routes, index),
+                router: Router::new(&l.routes),
+                routes: l
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, route)| {
+                        let upstream = &upstreams[index(&route.upstream)];
+                        let site = RouteSite {
+                            listener: l,
+                            index: i,
+                            route,
+                        };
+                        Route {
+                            upstream: upstream.clone(),
+                            stack: layers.build(&site, Proxy::new(upstream.clone())),
+                        }
+                    })
+                    .collect(),
                 tls: l.tls.as_ref().and_then(|t| {
                     match crate::tls::server_config(&t.certificates, &t.protocols) {
                         Ok(config) => Some(tokio_rustls::TlsAcceptor::from(config)),
@@ -83,6 +124,7 @@ impl Snapshot {
             config,
             upstreams,
             listeners,
+            layers,
         }
     }
 

@@ -229,7 +229,7 @@ impl Sticky {
     /// The backend the request's cookie pins it to, if the cookie is valid and
     /// names a backend of this upstream. Rejections are counted.
     pub fn pinned<B>(&self, upstream: &str, req: &http::Request<B>) -> Option<usize> {
-        let value = crate::proxy::hash_key::cookie(req, &self.cookie)?;
+        let value = crate::hash_key::cookie(req, &self.cookie)?;
         let id = open(&self.secrets, upstream, value, self.ttl, unix_now());
         let found = id.and_then(|id| {
             self.ids

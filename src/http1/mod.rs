@@ -1,5 +1,5 @@
 //! HTTP/1.1 on the wire, for both of bascule's sides: what the client
-//! connections (`serve.rs`) and the backend connections (`proxy/h1.rs`) share.
+//! connections (`serve.rs`) and the backend connections (`pool/h1.rs`) share.
 //! The fields that frame a message, the chunked decoder, and the writer that
 //! sends a body with its framing.
 

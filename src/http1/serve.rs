@@ -1,4 +1,4 @@
-//! HTTP/1.1 from clients: a connection's requests read, handed to the proxy,
+//! HTTP/1.1 from clients: a connection's requests read, handed to a service,
 //! and their replies written, all in the connection's own task.
 //!
 //! Why not hyper's server: its connection keeps a dispatcher, a codec and
@@ -14,16 +14,20 @@
 //! it must be complete within `header_read`. Mid-exchange, a client that sends
 //! no body bytes for `body`, or takes no reply bytes for `send`, is given up.
 //!
-//! A request body is read from the socket as the proxy asks for it (a
-//! `RequestBody` is the proxy's end of that), so that an upload streams at the
-//! backend's pace; `Expect: 100-continue` is answered when the body is first
+//! Each request goes to a `tower::Service` (in bascule, the request path) as a
+//! `Request<RequestBody>`, and its `Response` is written back; this module
+//! knows nothing of what the service does. A request body is read from the
+//! socket as the service asks for it (a `RequestBody` is the service's end of
+//! that), so that an upload streams at the backend's pace; `Expect: 100-continue` is answered when the body is first
 //! asked for. What is left of a body nobody read is read past when it is small
 //! (`DRAIN_MAX`); a larger one closes the connection after its reply, since
 //! what follows on the socket is not a request.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
@@ -31,17 +35,18 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, DATE};
-use http::{Method, Request, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tower::Service;
 
 use super::{
-    keeps_alive, BodyFraming, Chunked, FieldSpans, Fields, Outgoing, MAX_HEADERS, READ_CHUNK,
+    keeps_alive, BodyFraming, BoxError, Chunked, FieldSpans, Fields, Outgoing, MAX_HEADERS,
+    READ_CHUNK,
 };
-use crate::proxy::{self, ClientBody, ConnContext, ProxyBody};
 
 /// What a connection holding no buffer reads at once: a usual request head fits.
 const FIRST_READ: usize = 4096;
@@ -64,6 +69,18 @@ pub struct Limits {
     pub send: Duration,
     /// The most bytes a request head may take; beyond it, 431.
     pub head: usize,
+    /// Room kept in each request's field map for fields the service adds
+    /// (growing the map costs more than filling it).
+    pub added_fields: usize,
+}
+
+/// The connection being served: who is at the other end, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// Over TLS: a closing connection sends its close_notify.
+    pub tls: bool,
+    pub limits: Limits,
 }
 
 /// A client connection's stream, plain or TLS.
@@ -88,23 +105,33 @@ impl PendingUpgrade {
 }
 
 /// Serves HTTP/1.1 (and 1.0) requests on `io` until the client or a timeout
-/// ends the connection, or `stop` is cancelled while it is idle. With
-/// `http2`, a connection that opens with HTTP/2's preface (prior knowledge)
-/// is handed to the task it makes.
+/// ends the connection, or `stop` is cancelled while it is idle: each request
+/// to `service`, and its response back. A request refused before its head
+/// could be read (400, 431, 505) is answered here and told to `refused` (its
+/// status and the length of the body sent), once: the connection closes after
+/// it. With `http2`, a connection that opens with HTTP/2's preface (prior
+/// knowledge) is handed to the task it makes.
 ///
 /// Not an async fn: an async block keeps its captures in place, where an async
 /// fn would also keep a moved-from copy of every argument, and this future is
 /// most of what an idle connection costs.
-pub fn serve<S: ClientStream, H>(
+pub fn serve<S, V, B, H>(
     mut io: S,
-    cx: Arc<ConnContext>,
-    limits: Limits,
+    conn: Connection,
+    mut service: V,
+    refused: impl FnOnce(StatusCode, u64) + Send,
     stop: CancellationToken,
     http2: Option<H>,
 ) -> impl Future<Output = ()> + Send
 where
+    S: ClientStream,
+    V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
+    V::Future: Send,
+    B: Body<Data = Bytes> + Send + Unpin,
+    B::Error: Into<BoxError>,
     H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
 {
+    let limits = conn.limits;
     let mut reader = HeadReader {
         buf: BytesMut::new(),
         limits,
@@ -130,23 +157,29 @@ where
                 }
                 Ok(Next::Closed) => return,
                 Err(HeadError::Refused(status, why)) => {
-                    tracing::debug!(peer = %cx.peer, "request refused: {why}");
+                    tracing::debug!(peer = %conn.peer, "request refused: {why}");
                     let (reply, body) = refusal(status, why);
-                    let _exchange = proxy::Exchange::refused(&cx, status.as_u16(), body as u64);
                     let _ = tokio::time::timeout(limits.header_read, io.write_all(&reply)).await;
+                    refused(status, body as u64);
                     return;
                 }
                 Err(HeadError::Io(e)) => {
-                    tracing::debug!(peer = %cx.peer, "client connection ended: {e}");
+                    tracing::debug!(peer = %conn.peer, "client connection ended: {e}");
                     return;
                 }
             };
+            if std::future::poll_fn(|task| service.poll_ready(task))
+                .await
+                .is_err()
+            {
+                return;
+            }
             // Boxed: a request's state is several times an idle connection's,
             // and lives only while the request does.
-            match Box::pin(exchange(&mut io, &mut reader, &cx, head)).await {
+            match Box::pin(exchange(&mut io, &mut reader, &conn, &mut service, head)).await {
                 After::KeepAlive => reader.between_requests(),
                 After::Close => {
-                    if cx.tls {
+                    if conn.tls {
                         let _ = tokio::time::timeout(CLOSE_NOTIFY, io.shutdown()).await;
                     }
                     return;
@@ -168,14 +201,22 @@ enum After {
     Upgrade(oneshot::Sender<Upgraded>),
 }
 
-/// One request: handed to the proxy, its body read as the proxy asks, and the
-/// reply written.
-fn exchange<'a, S: ClientStream>(
+/// One request: handed to the service, its body read as the service asks, and
+/// the reply written.
+fn exchange<'a, S, V, B>(
     io: &'a mut S,
     reader: &'a mut HeadReader,
-    cx: &'a Arc<ConnContext>,
+    conn: &'a Connection,
+    service: &'a mut V,
     head: Head,
-) -> impl Future<Output = After> + Send + 'a {
+) -> impl Future<Output = After> + Send + 'a
+where
+    S: ClientStream,
+    V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
+    V::Future: Send,
+    B: Body<Data = Bytes> + Send + Unpin,
+    B::Error: Into<BoxError>,
+{
     let Head {
         mut req,
         body,
@@ -212,12 +253,12 @@ fn exchange<'a, S: ClientStream>(
             .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
         tx
     });
-    let req = req.map(|()| ClientBody::Left(request_body));
+    let req = req.map(|()| request_body);
     async move {
         // Made here, not before the block: the block would keep room for it
         // twice. In a scope of its own, so that the reply's state can reuse its room.
         let resp = {
-            let mut service = std::pin::pin!(proxy::serve(cx.clone(), req));
+            let mut service = std::pin::pin!(service.call(req));
             std::future::poll_fn(|task| {
                 if let Some(inbound) = inbound.as_mut() {
                     let delivered = inbound.delivered;
@@ -236,6 +277,7 @@ fn exchange<'a, S: ClientStream>(
             })
             .await
         };
+        let Ok(resp) = resp;
 
         let (parts, body) = resp.into_parts();
         keep_alive &= !reader.stopping();
@@ -276,7 +318,7 @@ fn exchange<'a, S: ClientStream>(
         drop(out);
         drop(held_body);
         if let Err(e) = sent {
-            tracing::debug!(peer = %cx.peer, "client connection ended: {e}");
+            tracing::debug!(peer = %conn.peer, "client connection ended: {e}");
             return After::Close;
         }
         match upgrade {
@@ -428,7 +470,7 @@ impl HeadReader {
                         self.detect_h2 = false;
                     }
                 }
-                if let Some(head) = parse_request(&mut self.buf)? {
+                if let Some(head) = parse_request(&mut self.buf, self.limits.added_fields)? {
                     self.armed = None;
                     return Poll::Ready(Ok(Next::Request(head)));
                 }
@@ -495,7 +537,7 @@ impl HeadReader {
 
 /// Parses a request head at the front of `buf` and removes it; `None` while
 /// incomplete. Header values share the buffer's memory.
-fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
+fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>, HeadError> {
     let bad = |why| HeadError::Refused(StatusCode::BAD_REQUEST, why);
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -538,9 +580,9 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let mut expect_continue = false;
     let mut trailers = false;
     let mut upgrade = false;
-    // With room for the fields the proxy adds: growing the map costs more than filling it.
+    // With room for the fields the service adds: growing the map costs more than filling it.
     let fields = spans
-        .fields(&head, proxy::headers::ADDED_FIELDS, |name, raw| {
+        .fields(&head, added_fields, |name, raw| {
             if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             } else if name.eq_ignore_ascii_case(b"expect") {
@@ -593,18 +635,18 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
 /// The interim reply to `Expect: 100-continue`.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// Where a request body's frames pass from the connection to the proxy.
+/// Where a request body's frames pass from the connection to the service.
 #[derive(Default)]
 struct Pipe {
     /// A frame read and not yet taken.
     frame: Option<io::Result<Frame<Bytes>>>,
     /// No frame follows `frame`.
     ended: bool,
-    /// The proxy is waiting for a frame.
+    /// The service is waiting for a frame.
     wanted: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
-    /// The proxy let go of the body.
+    /// The service let go of the body.
     dropped: bool,
 }
 
@@ -625,13 +667,13 @@ fn wait_on(slot: &mut Option<Waker>, task: &Context<'_>) {
     }
 }
 
-/// The connection's end of a request body: reads it from the socket as the proxy asks.
+/// The connection's end of a request body: reads it from the socket as the service asks.
 struct Inbound {
     pipe: Arc<Mutex<Pipe>>,
     framing: BodyFraming,
     /// What is left to write of the 100 Continue owed before the body is read.
     continue_left: &'static [u8],
-    /// The proxy let go of it, or it failed: nothing more is read.
+    /// The service let go of it, or it failed: nothing more is read.
     gone: bool,
     /// It failed: what is left on the socket cannot be read as its rest.
     failed: bool,
@@ -640,8 +682,8 @@ struct Inbound {
 }
 
 impl Inbound {
-    /// Reads the next frame when the proxy wants one and hands it over. A
-    /// failure goes to the proxy (as its upload failing), not to the caller:
+    /// Reads the next frame when the service wants one and hands it over. A
+    /// failure goes to the service (as its upload failing), not to the caller:
     /// the reply decides what becomes of the connection. True when it ends
     /// waiting on the client.
     fn poll_pump<S: AsyncRead + AsyncWrite + Unpin>(
@@ -681,7 +723,7 @@ impl Inbound {
             let mut pipe = lock(&self.pipe);
             match frame {
                 Ok(frame) => {
-                    // A last frame ends the body at once: the proxy need not ask
+                    // A last frame ends the body at once: the service need not ask
                     // again to learn it.
                     pipe.frame = frame.map(Ok);
                     pipe.ended = self.framing.is_done();
@@ -769,7 +811,7 @@ impl Drop for Inbound {
     }
 }
 
-/// A request body as the proxy sees it: frames read from the client's
+/// A request body as the service sees it: frames read from the client's
 /// connection as they are asked for.
 #[derive(Debug)]
 pub struct RequestBody {
@@ -864,7 +906,7 @@ fn encode_reply_head(
     parts: &http::response::Parts,
     version: Version,
     head_only: bool,
-    body: &ProxyBody,
+    body: &impl Body,
     keep_alive: &mut bool,
 ) -> (BytesMut, ReplyFraming) {
     let status = parts.status;
@@ -996,7 +1038,7 @@ mod tests {
     /// buffer, a wait for more with the buffer untouched, or a refusal.
     fn parses_or_refuses(bytes: &[u8]) -> Result<(), TestCaseError> {
         let mut buf = BytesMut::from(bytes);
-        match parse_request(&mut buf) {
+        match parse_request(&mut buf, 0) {
             Ok(Some(head)) => {
                 prop_assert!(buf.len() < bytes.len(), "a head consumed nothing");
                 prop_assert!(bytes.ends_with(&buf), "what is left is not the rest");

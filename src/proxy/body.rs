@@ -10,21 +10,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
-use super::pool::BackendBody;
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
 use crate::client_io::Busy;
-use crate::http1::serve::RequestBody;
+use crate::http1::BoxError;
 use crate::metrics::{self as m, RequestCounters};
+use crate::pool::BackendBody;
 use crate::upstream::Upstream;
-
-pub use crate::http1::BoxError;
-
-/// A client's request body: read from an HTTP/1 connection by bascule (left),
-/// or an HTTP/2 stream's from hyper (right).
-pub type ClientBody = http_body_util::Either<RequestBody, Incoming>;
 
 /// Everything to account for one request, done when it is dropped: after the
 /// response body has ended, or when the client went away.
@@ -53,20 +46,6 @@ impl Exchange {
             log,
             _busy: busy,
         }
-    }
-
-    /// A reply to a request refused before its head could be read (400, 431,
-    /// 505): counted and logged as a reply made without a route, as NGINX logs
-    /// its 400s, so that malformed traffic shows in the metrics.
-    pub fn refused(cx: &super::ConnContext, status: u16, bytes: u64) -> Self {
-        let log = cx
-            .access_log
-            .as_ref()
-            .map(|l| (l.clone(), Box::new(RequestLine::unread(cx.peer.ip()))));
-        let mut ex = Exchange::new(cx.activity.begin(), log);
-        ex.status = status;
-        ex.bytes = bytes;
-        ex
     }
 
     fn counters(&self) -> &RequestCounters {

@@ -1,16 +1,20 @@
-//! The request path: route, pick a backend, rewrite headers, forward, stream back.
+//! The innermost service of the request path: a request routed to an upstream
+//! is sent to one of its backends (picked by its balance, sticky cookie and
+//! health), with its headers rewritten, retried where that is safe, and its
+//! response streamed back; a 101 becomes a tunnel.
+//!
+//! Routing and the checks before it are the entry's (`entry.rs`); the layers
+//! a route carries run between the two (`stack.rs`).
 
 pub mod body;
-mod connect_queue;
-pub mod error;
-pub mod h1;
-pub mod hash_key;
 pub mod headers;
-pub mod pool;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, HOST};
@@ -19,24 +23,21 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty};
 use tokio_util::task::TaskTracker;
 
-use crate::access_log::{AccessLogger, RequestLine};
+use crate::access_log::AccessLogger;
 use crate::backend::InFlight;
 use crate::client_io::Activity;
 use crate::config::Balance;
+use crate::failure::{Again, Attempt, ProxyError};
+use crate::hash_key;
 use crate::health;
 use crate::http1::serve::PendingUpgrade;
-use crate::state::{ListenerRoutes, Snapshot, State};
+use crate::pool::{h1, BackendBody, ClientBody, OutBody};
 use crate::upstream::Upstream;
-pub use body::{ClientBody, Exchange, ProxyBody};
-pub use error::ProxyError;
-use pool::{BackendBody, OutBody, SendError};
+pub use body::{Exchange, ProxyBody};
 
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug)]
 pub struct ConnContext {
-    pub state: Arc<State>,
-    /// The listener's bind address as configured: its key in the snapshot.
-    pub listener: SocketAddr,
     pub peer: SocketAddr,
     /// The peer's IP, formatted once per connection for X-Forwarded-For.
     pub client_ip: HeaderValue,
@@ -47,96 +48,106 @@ pub struct ConnContext {
     pub access_log: Option<AccessLogger>,
 }
 
-/// Serves one request. Never fails: every failure becomes a reply with a status.
-///
-/// Not an async fn: an async block keeps its captures in place, where an async
-/// fn would also keep a moved-from copy of the request, in a future made for
-/// every request.
-#[allow(clippy::manual_async_fn)]
-pub fn serve(
-    cx: Arc<ConnContext>,
-    req: Request<ClientBody>,
-) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
-    async move {
-        let log = cx.access_log.as_ref().map(|l| {
-            (
-                l.clone(),
-                Box::new(RequestLine::capture(&req, cx.peer.ip())),
-            )
-        });
-        let mut ex = Exchange::new(cx.activity.begin(), log);
-        let snapshot = cx.state.load();
-        // None: the listener was removed by a reload; its connections drain with 404s.
-        let listener = snapshot.listener(cx.listener);
-        if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
-            let mut resp = local_reply(
-                StatusCode::MOVED_PERMANENTLY,
-                Bytes::from_static(b"301 Moved Permanently: use https\n"),
-                ex,
-            );
-            resp.headers_mut().insert(http::header::LOCATION, location);
-            return resp;
-        }
-        match forward(&cx, &snapshot, listener, req, &mut ex).await {
-            Ok(resp) => {
-                ex.status = resp.status().as_u16();
-                resp.map(|body| ProxyBody::backend(body, ex))
+/// A routed request on its way through its route's layers to the proxy: the
+/// client's request, the connection it came on, and the record of the
+/// exchange, which a layer that answers itself sends with its reply
+/// (`ProxyBody::local`).
+#[derive(Debug)]
+pub struct RouteRequest {
+    pub http: Request<ClientBody>,
+    pub conn: Arc<ConnContext>,
+    pub exchange: Exchange,
+}
+
+/// Forwards requests to the backends of one upstream. Cloning it is an `Arc`'s.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    upstream: Arc<Upstream>,
+}
+
+impl Proxy {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Proxy { upstream }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    /// Serves one request. Never fails: every failure becomes a reply with a
+    /// status. A route without layers calls this straight from the entry,
+    /// borrowing what it needs.
+    ///
+    /// Not an async fn: an async block keeps its captures in place, where an
+    /// async fn would also keep a moved-from copy of the request, in a future
+    /// made for every request.
+    #[allow(clippy::manual_async_fn)]
+    pub fn serve<'a>(
+        &'a self,
+        cx: &'a ConnContext,
+        req: Request<ClientBody>,
+        mut ex: Exchange,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        async move {
+            if ex.upstream.is_none() {
+                ex.upstream = Some(self.upstream.clone());
             }
-            Err(e) => {
-                let backend = ex
-                    .upstream
-                    .as_ref()
-                    .zip(ex.backend)
-                    .map(|(u, b)| &u.backends[b].address);
-                match e {
-                    ProxyError::NoRoute
-                    | ProxyError::BadRequest(_)
-                    | ProxyError::HeadTooLarge
-                    | ProxyError::UploadTimedOut
-                    | ProxyError::UploadBroken => {
-                        tracing::debug!(peer = %cx.peer, "{e}")
-                    }
-                    _ => tracing::warn!(
-                        upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
-                        backend = backend.map(String::as_str),
-                        "{e}"
-                    ),
+            match forward(cx, &self.upstream, req, &mut ex).await {
+                Ok(resp) => {
+                    ex.status = resp.status().as_u16();
+                    resp.map(|body| ProxyBody::backend(body, ex))
                 }
-                reply(e, ex)
+                Err(e) => fail(cx, e, ex),
             }
         }
     }
 }
 
-/// On a `redirect_https` listener: `https://HOST/PATH?QUERY`, the client's host
-/// without its port.
-fn https_redirect<B>(listener: &ListenerRoutes, req: &Request<B>) -> Option<HeaderValue> {
-    if !listener.config.redirect_https {
-        return None;
+/// The proxy at the bottom of a route's layers.
+impl tower::Service<RouteRequest> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
-    let host = request_host(req)?;
-    let host = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    HeaderValue::from_str(&format!("https://{host}{target}")).ok()
+
+    fn call(&mut self, req: RouteRequest) -> Self::Future {
+        let proxy = self.clone();
+        Box::pin(async move {
+            let RouteRequest {
+                http,
+                conn,
+                exchange,
+            } = req;
+            Ok(proxy.serve(&conn, http, exchange).await)
+        })
+    }
 }
 
-/// The host the client asked for: Host, or :authority for HTTP/2.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    match req.headers().get(HOST) {
-        Some(h) => h.to_str().ok(),
-        None => req.uri().authority().map(|a| a.as_str()),
+/// The reply to a request that failed, logged by whose doing it was: the
+/// one place a failure becomes a status and body.
+pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody> {
+    if e.is_clients() {
+        tracing::debug!(peer = %cx.peer, "{e}");
+    } else {
+        let backend = ex
+            .upstream
+            .as_ref()
+            .zip(ex.backend)
+            .map(|(u, b)| &u.backends[b].address);
+        tracing::warn!(
+            upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
+            backend = backend.map(String::as_str),
+            "{e}"
+        );
     }
-}
-
-/// A reply bascule makes itself; the one place a failure becomes a status and body.
-fn reply(e: ProxyError, ex: Exchange) -> Response<ProxyBody> {
     local_reply(e.status(), Bytes::from(e.body()), ex)
 }
 
-fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<ProxyBody> {
+/// A plain-text reply bascule makes itself, accounted for with `ex`.
+pub fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<ProxyBody> {
     ex.status = status.as_u16();
     let mut resp = Response::new(ProxyBody::local(body, Some(ex)));
     *resp.status_mut() = status;
@@ -147,39 +158,15 @@ fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<Pr
     resp
 }
 
-/// Not an async fn, for the reason `serve` gives.
+/// Not an async fn, for the reason `Proxy::serve` gives.
 #[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     cx: &'a ConnContext,
-    snapshot: &'a Snapshot,
-    listener: Option<&'a ListenerRoutes>,
+    upstream: &'a Upstream,
     mut req: Request<ClientBody>,
     ex: &'a mut Exchange,
 ) -> impl std::future::Future<Output = Result<Response<BackendBody>, ProxyError>> + Send + 'a {
     async move {
-        // Looked up once for all its uses: the check, routing, X-Forwarded-Host.
-        let host_field = req.headers().get(HOST).cloned();
-        if req.version() == Version::HTTP_11 && host_field.is_none() {
-            return Err(ProxyError::BadRequest(
-                "an HTTP/1.1 request needs a Host header",
-            ));
-        }
-        let listener = listener.ok_or(ProxyError::NoRoute)?;
-        if head_size(&req) > listener.config.max_header_bytes {
-            return Err(ProxyError::HeadTooLarge);
-        }
-        let host = match &host_field {
-            Some(h) => h.to_str().ok(),
-            None => req.uri().authority().map(|a| a.as_str()),
-        };
-        let index = listener
-            .router
-            .route(host, req.uri().path(), req.method())
-            .ok_or(ProxyError::NoRoute)?;
-        let upstream = ex
-            .upstream
-            .insert(snapshot.upstreams[index].clone())
-            .clone();
         let key = match upstream.balance {
             Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
             _ => None,
@@ -195,7 +182,7 @@ fn forward<'a>(
             .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
 
         let (mut parts, body) = req.into_parts();
-        let host_field = host_field.or_else(|| {
+        let host_field = parts.headers.get(HOST).cloned().or_else(|| {
             // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
             let value = HeaderValue::from_str(parts.uri.authority()?.as_str()).ok()?;
             parts.headers.insert(HOST, value.clone());
@@ -211,7 +198,7 @@ fn forward<'a>(
         }
         parts.version = Version::HTTP_11;
         let mut out = Request::from_parts(parts, Either::Left(body));
-        let mut resp = send_with_retries(&upstream, key, pinned, &mut out, ex).await?;
+        let mut resp = send_with_retries(upstream, key, pinned, &mut out, ex).await?;
         if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
             // A client pinned to the backend that served it needs no new cookie.
             if pinned != Some(chosen) {
@@ -307,7 +294,7 @@ async fn send_with_retries(
             std::task::Poll::Pending => deadline.as_mut().poll(task).map(Err),
         })
         .await;
-        match outcome {
+        let failure = match outcome {
             Ok(Ok(resp)) => {
                 health::record_exchange(upstream, chosen, !resp.status().is_server_error());
                 return Ok(resp);
@@ -316,33 +303,26 @@ async fn send_with_retries(
                 health::record_exchange(upstream, chosen, false);
                 return Err(ProxyError::Timeout);
             }
-            Ok(Err(SendError::Connect(e, back))) => {
-                tracing::debug!(backend = %backend.address, "connect failed: {e}");
-                health::record_exchange(upstream, chosen, false);
-                *out = *back;
-                reached_backend = false;
-                last = ProxyError::Connect;
-            }
-            // Neither the backend's fault nor one to retry: the client's body broke off or stalled.
-            Ok(Err(SendError::Upload(e))) => {
-                tracing::debug!(backend = %backend.address, "the request body failed: {}", e.0);
-                return Err(if e.timed_out() {
-                    ProxyError::UploadTimedOut
-                } else {
-                    ProxyError::UploadBroken
-                });
-            }
-            Ok(Err(SendError::Exchange(e, back))) => {
-                tracing::debug!(backend = %backend.address, "exchange failed: {e}");
-                health::record_exchange(upstream, chosen, false);
-                match back {
-                    Some(again) => *out = *again,
-                    None => return Err(ProxyError::Broken),
-                }
-                reached_backend = true;
-                last = ProxyError::Broken;
-            }
+            Ok(Err(failure)) => failure,
+        };
+        let error = failure.error;
+        tracing::debug!(backend = %backend.address, "{error}: {}", failure.cause);
+        // An upload that broke off is the client's doing: no mark against the backend.
+        if !error.is_clients() {
+            health::record_exchange(upstream, chosen, false);
         }
+        let Again::OtherBackend { budgeted } = failure.again(Attempt {
+            replay,
+            ..Attempt::default()
+        }) else {
+            return Err(error);
+        };
+        match failure.into_request() {
+            Some(again) => *out = *again,
+            None => return Err(error),
+        }
+        reached_backend = budgeted;
+        last = error;
     }
     Err(last)
 }
@@ -363,7 +343,7 @@ pub fn head_limit(max_header_bytes: usize) -> usize {
 }
 
 /// The size of a request head as HTTP/1.1 would write it.
-fn head_size<B>(req: &Request<B>) -> usize {
+pub fn head_size<B>(req: &Request<B>) -> usize {
     let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
     let line = req.method().as_str().len() + target + 11;
     req.headers().iter().fold(line, |n, (name, value)| {

@@ -32,7 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::pool::OutBody;
+use super::{is_idempotent, OutBody, SendFailure};
+use crate::failure::{Failure, ProxyError, Resend};
 use crate::http1::{
     keeps_alive, BodyFailed, BodyFields, BodyFraming as Framing, Chunked, ConnectionTokens,
     FieldSpans, Fields, Outgoing, MAX_HEADERS, READ_CHUNK,
@@ -101,24 +102,6 @@ pub struct Conn {
     buf: BytesMut,
 }
 
-/// Why an exchange failed, which decides whether it may be sent again. A
-/// request that had no body comes back with the last two, so that it can be
-/// sent again where that is safe, without a copy made beforehand in case.
-#[derive(Debug)]
-pub enum Failure {
-    /// Not a byte was written: the request comes back as it was.
-    Unsent(io::Error, Box<Request<OutBody>>),
-    /// The request was written, wholly or in part, and the connection ended
-    /// before a byte of response: a backend closing an idle connection looks
-    /// like this.
-    Incomplete(io::Error, Option<Box<Request<OutBody>>>),
-    /// Anything else: a malformed response, or the connection failing mid-response.
-    Broken(io::Error, Option<Box<Request<OutBody>>>),
-    /// The request's body failed (the client's upload broke off or stalled):
-    /// nothing the backend did.
-    Upload(Box<BodyFailed>),
-}
-
 /// Gives a connection back for another exchange.
 pub trait Reuse: Send + Unpin + 'static {
     fn reuse(self, conn: Conn);
@@ -160,7 +143,7 @@ impl Conn {
         mut self,
         req: Request<OutBody>,
         reuse: R,
-    ) -> impl Future<Output = Result<Response<Body<R>>, Failure>> + Send {
+    ) -> impl Future<Output = Result<Response<Body<R>>, SendFailure>> + Send {
         async move {
             let head_only = req.method() == Method::HEAD;
             let chunked =
@@ -169,14 +152,9 @@ impl Conn {
             let written =
                 match std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write(cx, &head)).await
                 {
-                    Ok(0) => {
-                        return Err(Failure::Unsent(
-                            io::ErrorKind::WriteZero.into(),
-                            Box::new(req),
-                        ))
-                    }
+                    Ok(0) => return Err(unsent(io::ErrorKind::WriteZero.into(), req)),
                     Ok(n) => n,
-                    Err(e) => return Err(Failure::Unsent(e, Box::new(req))),
+                    Err(e) => return Err(unsent(e, req)),
                 };
             let (parts, body) = req.into_parts();
             let bodyless = body.is_end_stream();
@@ -202,16 +180,22 @@ impl Conn {
                 Err(e) if BodyFailed::of(&e).is_some() => {
                     let failed = e.into_inner().and_then(|inner| inner.downcast().ok());
                     let failed = failed.unwrap_or_else(|| Box::new(BodyFailed("upload".into())));
-                    return Err(Failure::Upload(failed));
+                    return Err(Failure::upload(*failed));
                 }
                 Err(e) => {
-                    let back = bodyless
-                        .then(|| Box::new(Request::from_parts(parts, Either::Right(Empty::new()))));
-                    return Err(if got_any {
-                        Failure::Broken(e, back)
+                    // With no body, nothing of the request is lost: it may be replayed.
+                    let resend = if bodyless && is_idempotent(&parts.method) {
+                        let again = Request::from_parts(parts, Either::Right(Empty::new()));
+                        Resend::Replayable(Box::new(again))
                     } else {
-                        Failure::Incomplete(e, back)
-                    });
+                        Resend::Never
+                    };
+                    let error = if got_any {
+                        ProxyError::Broken
+                    } else {
+                        ProxyError::Closed
+                    };
+                    return Err(Failure::new(error, resend, e));
                 }
             };
             drop(parts);
@@ -267,6 +251,11 @@ impl Conn {
         self.buf.reserve(want);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
+}
+
+/// A request not a byte of which was written.
+fn unsent(e: io::Error, req: Request<OutBody>) -> SendFailure {
+    Failure::new(ProxyError::Connect, Resend::Unsent(Box::new(req)), e)
 }
 
 /// The request line and headers, as the proxy left them, in origin form.

@@ -29,6 +29,9 @@
 //! enough for the backend to have timed it out (under load connections are idle
 //! for microseconds, and the copy this takes is not made).
 
+mod connect_queue;
+pub mod h1;
+
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
@@ -48,9 +51,12 @@ use metrics::Counter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::connect_queue::{ConnectQueue, Entry, Turn};
-use super::h1::{self, Failure, Stream};
+use connect_queue::{ConnectQueue, Entry, Turn};
+use h1::Stream;
+
 use crate::backend_tls::{self, Connector};
+use crate::failure::{Again, Attempt, Failure, ProxyError, Resend};
+use crate::http1::serve::RequestBody;
 use crate::http1::{BodyFailed, BoxError};
 
 thread_local! {
@@ -62,23 +68,15 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
-#[derive(Debug)]
-pub enum SendError {
-    /// No connection could take the request; it comes back unsent.
-    Connect(io::Error, Box<Request<OutBody>>),
-    /// The backend took the request, or part of it, and failed before
-    /// answering. The request comes back if the caller asked for it to be sent
-    /// again (`replay`) and that is safe: an idempotent method and no body.
-    Exchange(
-        Box<dyn std::error::Error + Send + Sync>,
-        Option<Box<Request<OutBody>>>,
-    ),
-    /// The request's body failed: the client's doing, not the backend's.
-    Upload(Box<crate::http1::BodyFailed>),
-}
+/// A failed exchange, with what is left of the request (`crate::failure`).
+pub type SendFailure = Failure<Request<OutBody>>;
+
+/// A client's request body: read from an HTTP/1 connection by bascule (left),
+/// or an HTTP/2 stream's from hyper (right).
+pub type ClientBody = Either<RequestBody, Incoming>;
 
 /// What goes to a backend: the client's body, or nothing for a request sent again.
-pub type OutBody = Either<super::ClientBody, Empty<Bytes>>;
+pub type OutBody = Either<ClientBody, Empty<Bytes>>;
 
 /// What comes back: an HTTP/1.1 body read in the request's task, or an HTTP/2 stream's.
 pub type BackendBody = Either<h1::Body<Return>, Incoming>;
@@ -334,10 +332,10 @@ impl Pool {
     }
 
     /// Sends `req` on a pooled connection, or a new one. When a pooled
-    /// connection fails it (module docs), it is sent again on another connection
-    /// to this backend: as is, if it never left, or if it can be replayed and
-    /// either the caller asked for `replay` or the connection had been idle
-    /// long enough for the backend to have closed it.
+    /// connection fails it (module docs), it is sent again on another
+    /// connection to this backend where the retry policy allows
+    /// (`Failure::again`); `replay`: the upstream retries requests that
+    /// reached a backend.
     ///
     /// Not an async fn, for the reason `h1::Conn::send` gives.
     #[allow(clippy::manual_async_fn)]
@@ -345,7 +343,7 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<OutBody>,
         replay: bool,
-    ) -> impl std::future::Future<Output = Result<Response<BackendBody>, SendError>> + Send + '_
+    ) -> impl std::future::Future<Output = Result<Response<BackendBody>, SendFailure>> + Send + '_
     {
         async move {
             loop {
@@ -361,14 +359,18 @@ impl Pool {
                     // otherwise be that large, to be allocated and copied each time.
                     None => match Box::pin(self.open()).await {
                         Ok(opened) => opened,
-                        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                        Err(e) => {
+                            let unsent = Resend::Unsent(Box::new(req));
+                            return Err(Failure::new(ProxyError::Connect, unsent, e));
+                        }
                     },
                 };
-                let stale = reused && idle_for >= STALE_AFTER;
-                let replayable = |back: Option<Box<Request<OutBody>>>| {
-                    back.filter(|r| is_idempotent(r.method()))
+                let attempt = Attempt {
+                    reused,
+                    stale: reused && idle_for >= STALE_AFTER,
+                    replay,
                 };
-                let mut h2 = match sender {
+                let failure = match sender {
                     Sender::Http1(conn) => {
                         let back = Return {
                             pool: self.clone(),
@@ -376,69 +378,64 @@ impl Pool {
                         };
                         match conn.send(req, back).await {
                             Ok(resp) => return Ok(resp.map(Either::Left)),
-                            Err(Failure::Unsent(_, unsent)) if reused => req = *unsent,
-                            Err(Failure::Unsent(e, unsent)) => {
-                                return Err(SendError::Connect(e, unsent))
-                            }
-                            Err(Failure::Incomplete(e, back)) => match replayable(back) {
-                                Some(again) if reused && (replay || stale) => req = *again,
-                                again => {
-                                    return Err(SendError::Exchange(
-                                        e.into(),
-                                        again.filter(|_| replay),
-                                    ))
-                                }
-                            },
-                            Err(Failure::Upload(e)) => return Err(SendError::Upload(e)),
-                            Err(Failure::Broken(e, back)) => {
-                                let again = replayable(back).filter(|_| replay);
-                                return Err(SendError::Exchange(e.into(), again));
-                            }
+                            Err(failure) => failure,
                         }
-                        continue;
                     }
-                    Sender::Http2(h2) => h2,
-                };
-                if h2.ready().await.is_err() {
-                    if reused {
-                        continue;
-                    }
-                    return Err(SendError::Connect(
-                        io::ErrorKind::ConnectionReset.into(),
-                        Box::new(req),
-                    ));
-                }
-                // hyper keeps the request once sent: a copy for sending it again.
-                let copy = if replay || stale {
-                    copy_replayable(&req)
-                } else {
-                    None
-                };
-                let (watched, upload) = H2Body::watch(req);
-                match h2.try_send_request(watched).await {
-                    Ok(resp) => return Ok(resp.map(Either::Right)),
-                    Err(mut e) => match e.take_message().map(|r| r.map(|b| b.body)) {
-                        Some(unsent) if reused => req = unsent,
-                        Some(unsent) => {
-                            return Err(SendError::Connect(
-                                io::Error::other(e.into_error()),
-                                Box::new(unsent),
-                            ))
-                        }
-                        None => match (upload.failed(), copy) {
-                            (Some(failed), _) => return Err(SendError::Upload(Box::new(failed))),
-                            (None, Some(again)) if reused && e.error().is_incomplete_message() => {
-                                req = again
-                            }
-                            (None, again) => {
-                                let again = again.filter(|_| replay).map(Box::new);
-                                return Err(SendError::Exchange(e.into_error().into(), again));
-                            }
-                        },
+                    Sender::Http2(h2) => match self.send_http2(h2, req, attempt).await {
+                        Ok(resp) => return Ok(resp.map(Either::Right)),
+                        Err(failure) => failure,
                     },
+                };
+                match failure.again(attempt) {
+                    Again::SameBackend => match failure.into_request() {
+                        Some(again) => req = *again,
+                        None => unreachable!("the policy resends only what came back"),
+                    },
+                    _ => return Err(failure),
                 }
             }
         }
+    }
+
+    /// One exchange on this worker's HTTP/2 connection.
+    async fn send_http2(
+        &self,
+        mut h2: http2::SendRequest<H2Body>,
+        req: Request<OutBody>,
+        attempt: Attempt,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        if let Err(e) = h2.ready().await {
+            return Err(Failure::new(
+                ProxyError::Connect,
+                Resend::Unsent(Box::new(req)),
+                e,
+            ));
+        }
+        // hyper keeps the request once sent: a copy, where the policy may send it again.
+        let copy = if attempt.replay || attempt.stale {
+            copy_replayable(&req)
+        } else {
+            None
+        };
+        let (watched, upload) = H2Body::watch(req);
+        let mut e = match h2.try_send_request(watched).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        if let Some(unsent) = e.take_message() {
+            let unsent = Resend::Unsent(Box::new(unsent.map(|b| b.body)));
+            return Err(Failure::new(ProxyError::Connect, unsent, e.into_error()));
+        }
+        if let Some(failed) = upload.failed() {
+            return Err(Failure::upload(failed));
+        }
+        let error = if e.error().is_incomplete_message() {
+            ProxyError::Closed
+        } else {
+            ProxyError::Broken
+        };
+        let resend = copy.map_or(Resend::Never, |c| Resend::Replayable(Box::new(c)));
+        Err(Failure::new(error, resend, e.into_error()))
     }
 
     /// Closes this worker's connections that have been idle longer than the
@@ -522,7 +519,7 @@ impl Body for H2Body {
 }
 
 /// Whether a request may be sent twice (with no body, which the caller checks).
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
