@@ -351,12 +351,17 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn start(yaml: &str) -> Balancer {
+        Balancer::start_with(yaml, bascule::stack::Layers::default())
+    }
+
+    /// As `start`, with a program's own layers on its routes.
+    pub fn start_with(yaml: &str, layers: bascule::stack::Layers) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bascule.yaml");
         std::fs::write(&path, yaml).unwrap();
         let config = bascule::config::load(&path)
             .unwrap_or_else(|e| panic!("bad test config:\n{e}\n{yaml}"));
-        let server = Server::start(config).unwrap();
+        let server = Server::start_with(config, layers).unwrap();
         let addr = server.listener_addrs()[0];
         Balancer {
             server: Some(server),
