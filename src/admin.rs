@@ -190,8 +190,8 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                 })
                 .collect();
             (
-                u.name.clone(),
-                json!({ "balance": u.balance.name(), "backends": backends }),
+                u.config.name.clone(),
+                json!({ "balance": u.config.balance.name(), "backends": backends }),
             )
         })
         .collect();
@@ -207,7 +207,10 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
 fn metrics(snapshot: &Snapshot) -> String {
     for u in &snapshot.upstreams {
         for b in &u.backends {
-            let labels = [("upstream", u.name.clone()), ("backend", b.address.clone())];
+            let labels = [
+                ("upstream", u.config.name.clone()),
+                ("backend", b.address.clone()),
+            ];
             metrics::gauge!(m::BACKEND_HEALTHY, &labels)
                 .set(f64::from(u8::from(b.state.is_healthy())));
             metrics::gauge!(m::BACKEND_ACTIVE, &labels).set(b.state.active_requests() as f64);

@@ -35,8 +35,10 @@ use crate::proxy::{self, ConnContext, Exchange, ProxyBody, RouteRequest};
 use crate::stack::Stack;
 use crate::state::{ListenerRoutes, Route, State};
 
-/// One client connection's way into the request path. Cloning it is two
-/// `Arc`s'; it holds no state of its own.
+/// One client connection's way into the request path. Cloning it (once per
+/// request, for the request's future) is two `Arc`s'; it holds no state of
+/// its own. (One `Arc` around the three would cost an allocation per
+/// connection to save an increment per request.)
 #[derive(Clone, Debug)]
 pub struct Entry {
     state: Arc<State>,
@@ -73,15 +75,17 @@ impl Entry {
         ex.bytes = bytes;
     }
 
-    /// Serves one request.
-    ///
-    /// Not an async fn: an async block keeps its captures in place, where an
-    /// async fn would also keep a moved-from copy of the request, in a future
-    /// made for every request.
-    #[allow(clippy::manual_async_fn)]
-    fn serve(self, req: Request<ClientBody>) -> impl Future<Output = Response<ProxyBody>> + Send {
-        async move {
-            let cx = &self.cx;
+    /// Serves one request; the future is boxed, as `tower::Service` needs a
+    /// type it can name. Routing and the proxy's work run in this one future,
+    /// not in futures nested inside it: each level would copy the request
+    /// into the next.
+    fn serve(self, req: Request<ClientBody>) -> EntryFuture {
+        Box::pin(async move {
+            let Entry {
+                state,
+                listener,
+                cx,
+            } = &self;
             let log = cx.access_log.as_ref().map(|l| {
                 (
                     l.clone(),
@@ -89,9 +93,9 @@ impl Entry {
                 )
             });
             let mut ex = Exchange::new(cx.activity.begin(), log);
-            let snapshot = self.state.load();
+            let snapshot = state.load();
             // None: the listener was removed by a reload; its connections drain with 404s.
-            let listener = snapshot.listener(self.listener);
+            let listener = snapshot.listener(*listener);
             if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
                 let mut resp = proxy::local_reply(
                     StatusCode::MOVED_PERMANENTLY,
@@ -99,15 +103,18 @@ impl Entry {
                     ex,
                 );
                 resp.headers_mut().insert(http::header::LOCATION, location);
-                return resp;
+                return Ok(resp);
             }
-            let route = match route(listener, &req) {
-                Ok(route) => route,
-                Err(e) => return proxy::fail(cx, e, ex),
+            let (route, host) = match route(listener, &req) {
+                Ok(routed) => routed,
+                Err(e) => return Ok(proxy::fail(cx, e, ex)),
             };
             ex.upstream = Some(route.upstream.clone());
-            match &route.stack {
-                Stack::Proxy(proxy) => proxy.serve(cx, req, ex).await,
+            Ok(match &route.stack {
+                Stack::Proxy(proxy) => {
+                    let forwarded = proxy.forward(cx, req, host, &mut ex).await;
+                    proxy::respond(cx, forwarded, ex)
+                }
                 Stack::Layered(service) => {
                     let req = RouteRequest {
                         http: req,
@@ -117,17 +124,18 @@ impl Entry {
                     let Ok(resp) = service.clone().oneshot(req).await;
                     resp
                 }
-            }
-        }
+            })
+        })
     }
 }
 
 /// The route for `req` on `listener`, after the checks every request must
-/// pass first.
+/// pass first, and the request's Host field (looked up once for routing and
+/// for the proxy).
 fn route<'a, B>(
     listener: Option<&'a ListenerRoutes>,
     req: &Request<B>,
-) -> Result<&'a Route, ProxyError> {
+) -> Result<(&'a Route, Option<HeaderValue>), ProxyError> {
     let host_field = req.headers().get(HOST);
     if req.version() == Version::HTTP_11 && host_field.is_none() {
         return Err(ProxyError::BadRequest(
@@ -146,7 +154,7 @@ fn route<'a, B>(
         .router
         .route(host, req.uri().path(), req.method())
         .ok_or(ProxyError::NoRoute)?;
-    Ok(&listener.routes[index])
+    Ok((&listener.routes[index], host_field.cloned()))
 }
 
 /// On a `redirect_https` listener: `https://HOST/PATH?QUERY`, the client's host
@@ -183,10 +191,7 @@ impl tower::Service<Request<RequestBody>> for Entry {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> EntryFuture {
-        let entry = self.clone();
-        // The entry's future made inside the box's block: made outside, it
-        // would be made on the stack and copied in.
-        Box::pin(async move { Ok(entry.serve(req.map(ClientBody::Left)).await) })
+        self.clone().serve(req.map(ClientBody::Left))
     }
 }
 
@@ -201,7 +206,6 @@ impl tower::Service<Request<Incoming>> for Entry {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> EntryFuture {
-        let entry = self.clone();
-        Box::pin(async move { Ok(entry.serve(req.map(ClientBody::Right)).await) })
+        self.clone().serve(req.map(ClientBody::Right))
     }
 }

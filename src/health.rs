@@ -76,7 +76,7 @@ pub fn ejection_allowed(total: usize, ejected: usize, max_percent: u32) -> bool 
 /// Records the outcome of one exchange with `upstream.backends[index]`; ejects
 /// the backend when its consecutive failures reach the threshold.
 pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
-    let Some(passive) = &upstream.passive else {
+    let Some(passive) = &upstream.config.passive else {
         return;
     };
     let backend = &upstream.backends[index];
@@ -115,7 +115,7 @@ pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
     // When it comes back, it ramps up from there.
     state.start_ramp(until);
     tracing::warn!(
-        upstream = %upstream.name,
+        upstream = %upstream.config.name,
         backend = %backend.address,
         "ejected for {} after {failures} failed requests in a row",
         humantime::format_duration(length)
@@ -284,12 +284,12 @@ impl HealthChecks {
     pub fn sync(&mut self, upstreams: &[Arc<Upstream>]) {
         let mut wanted = HashMap::new();
         for u in upstreams {
-            let Some(config) = &u.health_check else {
+            let Some(config) = &u.config.health_check else {
                 continue;
             };
             for b in &u.backends {
-                let probing = (config.clone(), u.tls.clone());
-                wanted.insert((u.name.clone(), b.address.clone()), (probing, b, u));
+                let probing = (config.clone(), u.config.tls.clone());
+                wanted.insert((u.config.name.clone(), b.address.clone()), (probing, b, u));
             }
         }
         self.tasks.retain(|key, (config, handle)| {
@@ -310,7 +310,7 @@ impl HealthChecks {
                 tls: backend.probe_tls.clone(),
                 state: backend.state.clone(),
                 config: probing.0.clone(),
-                passive: upstream.passive.clone(),
+                passive: upstream.config.passive.clone(),
             };
             let transitions = [
                 crate::metrics::health_transition(&key.0, &key.1, false),

@@ -487,10 +487,6 @@ impl Worker {
         limits: Limits,
     ) -> impl std::future::Future<Output = ()> + Send {
         let entry = self.entry(&at, tls, Arc::default());
-        let refused = {
-            let entry = entry.clone();
-            move |status, bytes| entry.refused(status, bytes)
-        };
         let conn = http1::serve::Connection {
             peer: at.peer,
             tls,
@@ -501,6 +497,7 @@ impl Worker {
             let io = ClientIo::new(io, Arc::default(), limits.http1.keepalive).with_prefix(read);
             self.serve_http2(io, false, at, limits)
         });
+        let refused = |entry: &Entry, status, bytes| entry.refused(status, bytes);
         http1::serve::serve(io, conn, entry, refused, stop, http2)
     }
 

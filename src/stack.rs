@@ -39,7 +39,10 @@ pub enum Stack {
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Stack::Proxy(p) => f.debug_tuple("Proxy").field(&p.upstream().name).finish(),
+            Stack::Proxy(p) => f
+                .debug_tuple("Proxy")
+                .field(&p.upstream().config.name)
+                .finish(),
             Stack::Layered(_) => f.write_str("Layered"),
         }
     }

@@ -83,7 +83,7 @@ impl Snapshot {
         let index = |name: &str| {
             upstreams
                 .iter()
-                .position(|u| u.name == name)
+                .position(|u| u.config.name == name)
                 .expect("validation checked route upstreams")
         };
         let listeners = config
@@ -129,7 +129,7 @@ impl Snapshot {
     }
 
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
-        self.upstreams.iter().find(|u| u.name == name)
+        self.upstreams.iter().find(|u| u.config.name == name)
     }
 
     /// The listener configured with this bind address.
@@ -139,7 +139,7 @@ impl Snapshot {
 }
 
 fn build_upstream(
-    config: &UpstreamConfig,
+    config: &Arc<UpstreamConfig>,
     workers: usize,
     previous: Option<&Arc<Upstream>>,
 ) -> Upstream {
@@ -149,7 +149,7 @@ fn build_upstream(
         max_idle: config.max_idle_connections,
     };
     // A changed TLS setting means new connections; the old pools drain with the old snapshot.
-    let same_tls = previous.is_some_and(|p| p.tls == config.tls);
+    let same_tls = previous.is_some_and(|p| p.config.tls == config.tls);
     let backends = config
         .backends
         .iter()
@@ -182,7 +182,7 @@ fn build_upstream(
         })
         .collect();
     let in_flight = previous.map_or_else(Default::default, |p| p.in_flight.clone());
-    Upstream::new(config, backends, in_flight)
+    Upstream::new(config.clone(), backends, in_flight)
 }
 
 /// The connectors for a backend's requests and probes, with upstream TLS.

@@ -3,41 +3,28 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::{Counter, Histogram};
 
 use crate::backend::Backend;
 use crate::balance::{LeastConnections, Ring, RoundRobin, Selector};
-use crate::config::{
-    Balance, HashKey, HealthCheckConfig, PassiveConfig, RetryBudgetConfig, UpstreamConfig,
-};
+use crate::config::{Balance, RetryBudgetConfig, UpstreamConfig};
 use crate::metrics::{self as m, RequestCounters};
 use crate::sticky::Sticky;
 
 #[derive(Debug)]
 pub struct Upstream {
-    pub name: String,
-    pub balance: Balance,
-    /// Consistent hashing's key.
-    pub hash_key: HashKey,
+    /// Its settings as decoded (name, balance, timeouts, checks, retries, TLS):
+    /// read here, not copied.
+    pub config: Arc<UpstreamConfig>,
     /// In config order; selectors answer with indexes into this.
     pub backends: Vec<Backend>,
     selector: Selector,
     /// Requests in flight to all its backends; kept across reloads with the upstream's name.
     pub in_flight: Arc<AtomicUsize>,
-    pub response_timeout: Duration,
-    pub health_check: Option<HealthCheckConfig>,
-    pub passive: Option<PassiveConfig>,
-    /// Extra attempts on other backends for a request that can be sent again.
-    pub retries: u32,
     pub retry_budget: RetryBudget,
     pub retried: Counter,
-    pub fail_open: bool,
-    pub slow_start: Option<Duration>,
     pub sticky: Option<Sticky>,
-    /// TLS to the backends, as configured (its pools hold the connectors).
-    pub tls: Option<crate::backend_tls::BackendTls>,
     /// Drives slow start's admissions: a counter hashed into a fraction.
     admissions: AtomicU64,
     pub duration: Histogram,
@@ -47,7 +34,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(
-        config: &UpstreamConfig,
+        config: Arc<UpstreamConfig>,
         backends: Vec<Backend>,
         in_flight: Arc<AtomicUsize>,
     ) -> Self {
@@ -57,9 +44,6 @@ impl Upstream {
         });
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Upstream {
-            name: config.name.clone(),
-            balance: config.balance,
-            hash_key: config.hash_key.clone(),
             in_flight,
             selector: match config.balance {
                 Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(&weights)),
@@ -75,19 +59,13 @@ impl Upstream {
                 }
             },
             backends,
-            response_timeout: config.response_timeout,
-            health_check: config.health_check.clone(),
-            passive: config.passive.clone(),
-            retries: config.retries,
             retry_budget: RetryBudget::new(config.retry_budget),
             retried: m::retries(&config.name),
-            fail_open: config.fail_open,
-            slow_start: config.slow_start,
             sticky,
-            tls: config.tls.clone(),
             admissions: AtomicU64::new(0),
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),
+            config,
         }
     }
 
@@ -101,7 +79,7 @@ impl Upstream {
         let total = || self.in_flight.load(Ordering::Relaxed);
         let usable = |i: usize| untried(i) && self.backends[i].state.is_usable() && self.admits(i);
         match self.selector.pick(key, usable, load, total) {
-            None if self.fail_open => self.selector.pick(key, untried, load, total),
+            None if self.config.fail_open => self.selector.pick(key, untried, load, total),
             chosen => chosen,
         }
     }
@@ -116,10 +94,10 @@ impl Upstream {
     /// grows linearly over the window. Consistent hashing is left alone: keys
     /// must not flap between backends.
     fn admits(&self, i: usize) -> bool {
-        let Some(window) = self.slow_start else {
+        let Some(window) = self.config.slow_start else {
             return true;
         };
-        if self.balance == Balance::ConsistentHash {
+        if self.config.balance == Balance::ConsistentHash {
             return true;
         }
         let ramp = self.backends[i].state.ramp(window);

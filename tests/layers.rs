@@ -136,7 +136,10 @@ async fn a_routes_layer_sees_its_requests_over_http1_and_http2_and_no_others() {
     assert_eq!(h2[0].0, 200);
     assert_eq!(&h2[0].1[..], b"from the layer");
     assert_eq!(&h2[1].1[..], b"a");
-    assert_eq!(h2[1].2.as_ref().map(|v| v.to_str().unwrap()), Some("passed"));
+    assert_eq!(
+        h2[1].2.as_ref().map(|v| v.to_str().unwrap()),
+        Some("passed")
+    );
     assert_eq!(&h2[2].1[..], b"a");
     assert_eq!(h2[2].2, None);
 
@@ -148,7 +151,10 @@ async fn a_routes_layer_sees_its_requests_over_http1_and_http2_and_no_others() {
         ["/own/fixed", "/own/other", "/own/fixed", "/own/other"]
     );
     let paths: Vec<String> = b.requests().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, ["/own/other", "/elsewhere", "/own/other", "/elsewhere"]);
+    assert_eq!(
+        paths,
+        ["/own/other", "/elsewhere", "/own/other", "/elsewhere"]
+    );
 
     // The layer's own replies are accounted for like any other, to the route's upstream.
     let admin = lb.admin();
@@ -178,8 +184,14 @@ fn a_reload_keeps_the_programs_layers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reload.yaml");
     std::fs::write(&path, &yaml).unwrap();
-    lb.server().reload(bascule::config::load(&path).unwrap()).unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "once per route per snapshot");
+    lb.server()
+        .reload(bascule::config::load(&path).unwrap())
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "once per route per snapshot"
+    );
     assert_eq!(get(lb.addr, "/own/fixed").body, "from the layer");
     assert_eq!(get(lb.addr, "/other").body, "a");
 }

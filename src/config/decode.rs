@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -337,7 +338,7 @@ impl Decoder<'_> {
         Some(AdminConfig { bind: bind? })
     }
 
-    fn upstreams(&mut self, node: &Node, path: &str) -> Option<Vec<UpstreamConfig>> {
+    fn upstreams(&mut self, node: &Node, path: &str) -> Option<Vec<Arc<UpstreamConfig>>> {
         let mut f = self.fields(node, path)?;
         if f.entries.is_empty() {
             self.problem(Some(node.pos), path, "at least one upstream is needed");
@@ -346,7 +347,7 @@ impl Decoder<'_> {
         let mut ok = true;
         for (name, _, value) in std::mem::take(&mut f.entries) {
             match self.upstream(name, value, &join(path, name)) {
-                Some(u) => out.push(u),
+                Some(u) => out.push(Arc::new(u)),
                 None => ok = false,
             }
         }

@@ -12,6 +12,7 @@ pub mod yaml;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -24,7 +25,8 @@ use yaml::Pos;
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// In file order; names are unique.
-    pub upstreams: Vec<UpstreamConfig>,
+    /// Shared with the runtime upstreams built from them, which read their settings here.
+    pub upstreams: Vec<Arc<UpstreamConfig>>,
     pub admin: Option<AdminConfig>,
     /// How long SIGTERM waits for requests and tunnels in flight. Default 30s.
     pub shutdown_timeout: Duration,
@@ -42,7 +44,7 @@ impl Config {
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
-        self.upstreams.iter().find(|u| u.name == name)
+        self.upstreams.iter().find(|u| u.name == name).map(|u| &**u)
     }
 }
 

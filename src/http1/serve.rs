@@ -107,9 +107,9 @@ impl PendingUpgrade {
 /// Serves HTTP/1.1 (and 1.0) requests on `io` until the client or a timeout
 /// ends the connection, or `stop` is cancelled while it is idle: each request
 /// to `service`, and its response back. A request refused before its head
-/// could be read (400, 431, 505) is answered here and told to `refused` (its
-/// status and the length of the body sent), once: the connection closes after
-/// it. With `http2`, a connection that opens with HTTP/2's preface (prior
+/// could be read (400, 431, 505) is answered here and told to `refused`, with
+/// the service, its status and the length of the body sent, once: the
+/// connection closes after it. With `http2`, a connection that opens with HTTP/2's preface (prior
 /// knowledge) is handed to the task it makes.
 ///
 /// Not an async fn: an async block keeps its captures in place, where an async
@@ -119,7 +119,7 @@ pub fn serve<S, V, B, H>(
     mut io: S,
     conn: Connection,
     mut service: V,
-    refused: impl FnOnce(StatusCode, u64) + Send,
+    refused: impl FnOnce(&V, StatusCode, u64) + Send,
     stop: CancellationToken,
     http2: Option<H>,
 ) -> impl Future<Output = ()> + Send
@@ -160,7 +160,7 @@ where
                     tracing::debug!(peer = %conn.peer, "request refused: {why}");
                     let (reply, body) = refusal(status, why);
                     let _ = tokio::time::timeout(limits.header_read, io.write_all(&reply)).await;
-                    refused(status, body as u64);
+                    refused(&service, status, body as u64);
                     return;
                 }
                 Err(HeadError::Io(e)) => {

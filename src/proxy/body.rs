@@ -65,7 +65,10 @@ impl Drop for Exchange {
             u.duration.record(took.as_secs_f64());
         }
         if let Some((logger, line)) = self.log.take() {
-            let upstream = self.upstream.as_ref().map_or(m::NONE, |u| u.name.as_str());
+            let upstream = self
+                .upstream
+                .as_ref()
+                .map_or(m::NONE, |u| u.config.name.as_str());
             let backend = match (&self.upstream, self.backend) {
                 (Some(u), Some(b)) => u.backends[b].address.as_str(),
                 _ => m::NONE,

@@ -75,8 +75,7 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every failure becomes a reply with a
-    /// status. A route without layers calls this straight from the entry,
-    /// borrowing what it needs.
+    /// status.
     ///
     /// Not an async fn: an async block keeps its captures in place, where an
     /// async fn would also keep a moved-from copy of the request, in a future
@@ -89,17 +88,45 @@ impl Proxy {
         mut ex: Exchange,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
         async move {
-            if ex.upstream.is_none() {
-                ex.upstream = Some(self.upstream.clone());
-            }
-            match forward(cx, &self.upstream, req, &mut ex).await {
-                Ok(resp) => {
-                    ex.status = resp.status().as_u16();
-                    resp.map(|body| ProxyBody::backend(body, ex))
-                }
-                Err(e) => fail(cx, e, ex),
-            }
+            let host = req.headers().get(HOST).cloned();
+            let forwarded = self.forward(cx, req, host, &mut ex).await;
+            respond(cx, forwarded, ex)
         }
+    }
+
+    /// The request sent on, and the backend's response as it came. `host` is
+    /// the request's Host field, which the caller has looked up already. A
+    /// route without layers calls this straight from the entry, in the
+    /// entry's own future, then `respond`.
+    // Inlined so that the future it returns is made where it is awaited, not moved there.
+    #[inline(always)]
+    pub fn forward<'a>(
+        &'a self,
+        cx: &'a ConnContext,
+        req: Request<ClientBody>,
+        host: Option<HeaderValue>,
+        ex: &'a mut Exchange,
+    ) -> impl Future<Output = Result<Response<BackendBody>, ProxyError>> + Send + 'a {
+        if ex.upstream.is_none() {
+            ex.upstream = Some(self.upstream.clone());
+        }
+        forward(cx, &self.upstream, req, host, ex)
+    }
+}
+
+/// The reply to the client: the backend's response with the exchange's
+/// record riding on its body, or the failure's reply.
+pub fn respond(
+    cx: &ConnContext,
+    forwarded: Result<Response<BackendBody>, ProxyError>,
+    mut ex: Exchange,
+) -> Response<ProxyBody> {
+    match forwarded {
+        Ok(resp) => {
+            ex.status = resp.status().as_u16();
+            resp.map(|body| ProxyBody::backend(body, ex))
+        }
+        Err(e) => fail(cx, e, ex),
     }
 }
 
@@ -138,7 +165,7 @@ pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody
             .zip(ex.backend)
             .map(|(u, b)| &u.backends[b].address);
         tracing::warn!(
-            upstream = ex.upstream.as_ref().map(|u| u.name.as_str()),
+            upstream = ex.upstream.as_ref().map(|u| u.config.name.as_str()),
             backend = backend.map(String::as_str),
             "{e}"
         );
@@ -164,17 +191,20 @@ fn forward<'a>(
     cx: &'a ConnContext,
     upstream: &'a Upstream,
     mut req: Request<ClientBody>,
+    host_field: Option<HeaderValue>,
     ex: &'a mut Exchange,
 ) -> impl std::future::Future<Output = Result<Response<BackendBody>, ProxyError>> + Send + 'a {
     async move {
-        let key = match upstream.balance {
-            Balance::ConsistentHash => hash_key::key_hash(&upstream.hash_key, &req, cx.peer.ip()),
+        let key = match upstream.config.balance {
+            Balance::ConsistentHash => {
+                hash_key::key_hash(&upstream.config.hash_key, &req, cx.peer.ip())
+            }
             _ => None,
         };
         let pinned = upstream
             .sticky
             .as_ref()
-            .and_then(|sticky| sticky.pinned(&upstream.name, &req));
+            .and_then(|sticky| sticky.pinned(&upstream.config.name, &req));
         // An upgrade (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade header.
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade
@@ -182,7 +212,7 @@ fn forward<'a>(
             .and_then(|_| req.extensions_mut().remove::<PendingUpgrade>());
 
         let (mut parts, body) = req.into_parts();
-        let host_field = parts.headers.get(HOST).cloned().or_else(|| {
+        let host_field = host_field.or_else(|| {
             // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
             let value = HeaderValue::from_str(parts.uri.authority()?.as_str()).ok()?;
             parts.headers.insert(HOST, value.clone());
@@ -202,7 +232,8 @@ fn forward<'a>(
         if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
             // A client pinned to the backend that served it needs no new cookie.
             if pinned != Some(chosen) {
-                let cookie = sticky.set_cookie(&upstream.name, chosen, sticky.ids[chosen], cx.tls);
+                let cookie =
+                    sticky.set_cookie(&upstream.config.name, chosen, sticky.ids[chosen], cx.tls);
                 resp.headers_mut().append(http::header::SET_COOKIE, cookie);
             }
         }
@@ -247,14 +278,14 @@ async fn send_with_retries(
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
 ) -> Result<Response<BackendBody>, ProxyError> {
-    let replay = upstream.retries > 0;
+    let replay = upstream.config.retries > 0;
     upstream.retry_budget.deposit();
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut last = ProxyError::NoBackend;
     // A request that reached no backend (the connection failed) is sent again
     // without spending the budget: it loaded nobody.
     let mut reached_backend = false;
-    for attempt in 0..=(upstream.retries as usize).min(MAX_ATTEMPTS - 1) {
+    for attempt in 0..=(upstream.config.retries as usize).min(MAX_ATTEMPTS - 1) {
         if attempt > 0 {
             if reached_backend && !upstream.retry_budget.withdraw() {
                 break;
@@ -276,7 +307,7 @@ async fn send_with_retries(
         ex.backend = Some(chosen);
         ex.in_flight = Some(backend.state.begin_request(&upstream.in_flight));
         let mut target = std::mem::take(out.uri_mut()).into_parts();
-        target.scheme = Some(match upstream.tls {
+        target.scheme = Some(match upstream.config.tls {
             Some(_) => Scheme::HTTPS,
             None => Scheme::HTTP,
         });
@@ -288,7 +319,7 @@ async fn send_with_retries(
         // The timer beside the exchange, not wrapped around it: a wrapper
         // would move the exchange's future, a kilobyte or two, twice over.
         let mut sent = std::pin::pin!(backend.pool.send(request, replay));
-        let mut deadline = std::pin::pin!(tokio::time::sleep(upstream.response_timeout));
+        let mut deadline = std::pin::pin!(tokio::time::sleep(upstream.config.response_timeout));
         let outcome = std::future::poll_fn(|task| match sent.as_mut().poll(task) {
             std::task::Poll::Ready(r) => std::task::Poll::Ready(Ok(r)),
             std::task::Poll::Pending => deadline.as_mut().poll(task).map(Err),
