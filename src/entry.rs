@@ -16,7 +16,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,13 +36,10 @@ use crate::state::{ListenerRoutes, Route, State};
 
 /// One client connection's way into the request path. Cloning it (once per
 /// request, for the request's future) is two `Arc`s'; it holds no state of
-/// its own. (One `Arc` around the three would cost an allocation per
-/// connection to save an increment per request.)
+/// its own, and it is kept small: an idle connection holds it.
 #[derive(Clone, Debug)]
 pub struct Entry {
     state: Arc<State>,
-    /// The listener's bind address as configured: its key in the snapshot.
-    listener: SocketAddr,
     cx: Arc<ConnContext>,
 }
 
@@ -52,12 +48,8 @@ pub type EntryFuture =
     Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
 impl Entry {
-    pub fn new(state: Arc<State>, listener: SocketAddr, cx: Arc<ConnContext>) -> Self {
-        Entry {
-            state,
-            listener,
-            cx,
-        }
+    pub fn new(state: Arc<State>, cx: Arc<ConnContext>) -> Self {
+        Entry { state, cx }
     }
 
     /// The exchange's record for a request refused before its head could be
@@ -81,11 +73,7 @@ impl Entry {
     /// into the next.
     fn serve(self, req: Request<ClientBody>) -> EntryFuture {
         Box::pin(async move {
-            let Entry {
-                state,
-                listener,
-                cx,
-            } = &self;
+            let Entry { state, cx } = &self;
             let log = cx.access_log.as_ref().map(|l| {
                 (
                     l.clone(),
@@ -95,7 +83,7 @@ impl Entry {
             let mut ex = Exchange::new(cx.activity.begin(), log);
             let snapshot = state.load();
             // None: the listener was removed by a reload; its connections drain with 404s.
-            let listener = snapshot.listener(*listener);
+            let listener = snapshot.listener(cx.listener);
             if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
                 let mut resp = proxy::local_reply(
                     StatusCode::MOVED_PERMANENTLY,

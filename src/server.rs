@@ -546,6 +546,7 @@ impl Worker {
     /// The request path's way in, for one connection.
     fn entry(&self, at: &Accepted, tls: bool, activity: Arc<Activity>) -> Entry {
         let cx = Arc::new(ConnContext {
+            listener: at.key,
             peer: at.peer,
             client_ip: proxy::headers::client_ip_value(at.peer.ip()),
             tls,
@@ -553,7 +554,7 @@ impl Worker {
             tunnels: at.tunnels.clone(),
             access_log: self.access_log.clone(),
         });
-        Entry::new(self.state.clone(), at.key, cx)
+        Entry::new(self.state.clone(), cx)
     }
 }
 

@@ -131,7 +131,8 @@ where
     B::Error: Into<BoxError>,
     H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
 {
-    let limits = conn.limits;
+    // Taken apart: the limits live in the reader, and the future keeps one copy.
+    let Connection { peer, tls, limits } = conn;
     let mut reader = HeadReader {
         buf: BytesMut::new(),
         limits,
@@ -157,14 +158,15 @@ where
                 }
                 Ok(Next::Closed) => return,
                 Err(HeadError::Refused(status, why)) => {
-                    tracing::debug!(peer = %conn.peer, "request refused: {why}");
+                    tracing::debug!(peer = %peer, "request refused: {why}");
                     let (reply, body) = refusal(status, why);
-                    let _ = tokio::time::timeout(limits.header_read, io.write_all(&reply)).await;
+                    let _ =
+                        tokio::time::timeout(reader.limits.header_read, io.write_all(&reply)).await;
                     refused(&service, status, body as u64);
                     return;
                 }
                 Err(HeadError::Io(e)) => {
-                    tracing::debug!(peer = %conn.peer, "client connection ended: {e}");
+                    tracing::debug!(peer = %peer, "client connection ended: {e}");
                     return;
                 }
             };
@@ -176,10 +178,10 @@ where
             }
             // Boxed: a request's state is several times an idle connection's,
             // and lives only while the request does.
-            match Box::pin(exchange(&mut io, &mut reader, &conn, &mut service, head)).await {
+            match Box::pin(exchange(&mut io, &mut reader, peer, &mut service, head)).await {
                 After::KeepAlive => reader.between_requests(),
                 After::Close => {
-                    if conn.tls {
+                    if tls {
                         let _ = tokio::time::timeout(CLOSE_NOTIFY, io.shutdown()).await;
                     }
                     return;
@@ -206,7 +208,7 @@ enum After {
 fn exchange<'a, S, V, B>(
     io: &'a mut S,
     reader: &'a mut HeadReader,
-    conn: &'a Connection,
+    peer: SocketAddr,
     service: &'a mut V,
     head: Head,
 ) -> impl Future<Output = After> + Send + 'a
@@ -318,7 +320,7 @@ where
         drop(out);
         drop(held_body);
         if let Err(e) = sent {
-            tracing::debug!(peer = %conn.peer, "client connection ended: {e}");
+            tracing::debug!(peer = %peer, "client connection ended: {e}");
             return After::Close;
         }
         match upgrade {

@@ -38,6 +38,8 @@ pub use body::{Exchange, ProxyBody};
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug)]
 pub struct ConnContext {
+    /// The listener's bind address as configured: its key in the snapshot.
+    pub listener: SocketAddr,
     pub peer: SocketAddr,
     /// The peer's IP, formatted once per connection for X-Forwarded-For.
     pub client_ip: HeaderValue,
