@@ -7,13 +7,21 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-cargo build --quiet --bin bascule --example app
+echo "Building bascule and the example app (the first build takes two to three minutes)..."
+cargo build --bin bascule --example app
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+# Every process below runs in a session of its own (setsid), so Ctrl-C reaches this
+# script alone, and each gets one SIGTERM from here: bascule drains and stops cleanly.
+cleanup() {
+  trap - EXIT INT TERM
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'echo; echo "Stopping..."; exit 0' INT TERM
 
 if [[ -z "${REDIS_URL:-}" ]] && command -v redis-server >/dev/null; then
-  redis-server --port 6399 --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+  setsid redis-server --port 6399 --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
   pids+=($!)
   export REDIS_URL=redis://127.0.0.1:6399
   for _ in $(seq 50); do
@@ -23,10 +31,10 @@ if [[ -z "${REDIS_URL:-}" ]] && command -v redis-server >/dev/null; then
 fi
 
 for i in 1 2 3; do
-  target/debug/examples/app --listen "127.0.0.1:900$i" --name "replica-$i" >/dev/null &
+  setsid target/debug/examples/app --listen "127.0.0.1:900$i" --name "replica-$i" >/dev/null &
   pids+=($!)
 done
-target/debug/bascule --config conf/demo.yaml &
+setsid target/debug/bascule --config conf/demo.yaml &
 bascule=$!
 pids+=($bascule)
 
@@ -56,15 +64,25 @@ sessions, which keep a user on one replica:
   c=$(mktemp); for i in 1 2 3; do curl -s -b $c -c $c localhost:8081/; done
 MSG
 fi
-cat <<MSG
-
-Try:
+echo
+echo "Try:"
+if [[ -n "${REDIS_URL:-}" ]]; then
+  cat <<MSG
   c=\$(mktemp); for i in 1 2 3 4; do curl -s -b \$c -c \$c localhost:8080/; done   # one session, many replicas
   curl -s -X POST -b \$c -c \$c 'localhost:8080/cart?item=tea'; curl -s -b \$c localhost:8080/cart
   time curl -s 'localhost:8080/report?n=2000000'   # slow the first time (cache miss) ...
   time curl -s 'localhost:8080/report?n=2000000'   # ... then a cache hit, on every replica
   curl -s localhost:9002/stats                     # one replica's cache hits and misses
   kill ${pids[-2]}                                  # kill replica-3: traffic moves on, no session lost
+MSG
+else
+  cat <<MSG
+  c=\$(mktemp); for i in 1 2 3; do curl -s -b \$c -c \$c localhost:8081/; done   # sticky: one replica
+  time curl -s 'localhost:8080/report?n=2000000'   # slow: each replica computes it (no shared cache)
+  kill ${pids[-2]}                                  # kill replica-3: traffic moves to the other two
+MSG
+fi
+cat <<MSG
   curl -s localhost:9901/status                    # upstreams and backends as JSON
   curl -s localhost:9901/metrics                   # Prometheus metrics
   kill -HUP $bascule                                # re-read conf/demo.yaml after editing it

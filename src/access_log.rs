@@ -1,7 +1,9 @@
 //! Access log lines in the combined log format, with upstream, backend and duration added.
 //!
 //! Lines are formatted on the request's thread and written by a dedicated thread,
-//! so a slow disk never stalls the event loop. Off unless configured.
+//! so a slow disk never stalls the event loop. Off unless configured. A file is
+//! reopened at its path on request (`SIGUSR1`, as NGINX does), after a log
+//! rotation has moved it away.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -13,29 +15,58 @@ use crate::config::AccessLog;
 
 #[derive(Clone, Debug)]
 pub struct AccessLogger {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Message>,
+}
+
+#[derive(Debug)]
+enum Message {
+    Line(String),
+    /// Close the file and open it again at its path.
+    Reopen,
+}
+
+fn open(config: &AccessLog) -> io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match config {
+        AccessLog::Off => None,
+        AccessLog::Stderr => Some(Box::new(io::stderr())),
+        AccessLog::File(path) => Some(Box::new(
+            OpenOptions::new().create(true).append(true).open(path)?,
+        )),
+    })
 }
 
 impl AccessLogger {
     /// Starts the writer thread; `None` when logging is off.
     pub fn start(config: &AccessLog) -> io::Result<Option<Self>> {
-        let out: Box<dyn Write + Send> = match config {
-            AccessLog::Off => return Ok(None),
-            AccessLog::Stderr => Box::new(io::stderr()),
-            AccessLog::File(path) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
-            }
+        let Some(out) = open(config)? else {
+            return Ok(None);
         };
-        let (tx, rx) = mpsc::channel::<String>();
+        let config = config.clone();
+        let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let mut out = BufWriter::new(out);
-                while let Ok(line) = rx.recv() {
-                    let _ = out.write_all(line.as_bytes());
+                while let Ok(message) = rx.recv() {
+                    let mut next = Some(message);
                     // Flush once the queue is drained: batches under load, prompt when quiet.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = out.write_all(line.as_bytes());
+                    while let Some(message) = next.take().or_else(|| rx.try_recv().ok()) {
+                        match message {
+                            Message::Line(line) => {
+                                let _ = out.write_all(line.as_bytes());
+                            }
+                            Message::Reopen => {
+                                let _ = out.flush();
+                                match open(&config) {
+                                    Ok(Some(file)) => out = BufWriter::new(file),
+                                    Ok(None) => {}
+                                    // The old file stays: lines keep going somewhere.
+                                    Err(e) => tracing::error!(
+                                        "cannot reopen the access log {config:?}: {e}"
+                                    ),
+                                }
+                            }
+                        }
                     }
                     let _ = out.flush();
                 }
@@ -44,7 +75,12 @@ impl AccessLogger {
     }
 
     pub fn write(&self, line: String) {
-        let _ = self.tx.send(line);
+        let _ = self.tx.send(Message::Line(line));
+    }
+
+    /// Reopens the log file at its path, after the lines already sent.
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Message::Reopen);
     }
 }
 

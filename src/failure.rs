@@ -64,6 +64,14 @@ impl ProxyError {
         )
     }
 
+    /// A failed exchange with a backend (rather than no backend to try, or a timeout).
+    pub fn is_attempts(self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect | ProxyError::Closed | ProxyError::Broken
+        )
+    }
+
     /// The client's doing or a request nobody could route: logged quietly,
     /// where a backend's failure is a warning.
     pub fn is_clients(self) -> bool {

@@ -16,8 +16,9 @@ static GLOBAL: allocator::Allocator = allocator::Allocator;
 /// An L7 HTTP load balancer configured by one YAML file.
 ///
 /// Signals: SIGHUP re-reads the config file and switches to it if it is valid;
-/// SIGTERM or SIGINT stop accepting, let requests in flight finish (up to
-/// shutdown_timeout) and exit.
+/// SIGUSR1 reopens the access log file (after a log rotation); SIGTERM or
+/// SIGINT stop accepting, let requests in flight finish (up to
+/// shutdown_timeout) and exit, and a second one exits at once.
 #[derive(Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -124,6 +125,12 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    tracing::info!(
+        "bascule {} starting with {} ({} workers)",
+        env!("CARGO_PKG_VERSION"),
+        path.display(),
+        config.worker_count()
+    );
     let server = match Server::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -132,17 +139,29 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        // SIGHUP reloads until SIGTERM or SIGINT starts the shutdown.
-        while signals.next_is_reload().await {
-            server.reload_from(path);
+        // SIGHUP reloads and SIGUSR1 reopens logs until SIGTERM or SIGINT starts the shutdown.
+        loop {
+            match signals.next().await {
+                Sig::Reload => server.reload_from(path),
+                Sig::Reopen => server.reopen_logs(),
+                Sig::Stop => break,
+            }
         }
         tracing::info!("shutting down: no new connections; waiting for requests in flight");
         server.shutdown();
-        let waiting = tokio::task::spawn_blocking(move || server.wait());
-        tokio::select! {
-            _ = waiting => {}
-            _ = signals.next_is_reload() => {
-                tracing::warn!("second stop signal: exiting now");
+        let mut waiting = tokio::task::spawn_blocking(move || server.wait());
+        loop {
+            tokio::select! {
+                _ = &mut waiting => break,
+                sig = signals.next() => match sig {
+                    Sig::Stop => {
+                        tracing::warn!("second stop signal: exiting now");
+                        break;
+                    }
+                    // Nothing to reload into while draining; the drain goes on.
+                    Sig::Reload => tracing::info!("SIGHUP ignored: shutting down"),
+                    Sig::Reopen => {}
+                },
             }
         }
     });
@@ -152,25 +171,34 @@ fn run(path: &Path) -> ExitCode {
 
 struct Signals {
     hup: Signal,
+    usr1: Signal,
     term: Signal,
     int: Signal,
+}
+
+/// What a signal asks for.
+enum Sig {
+    Reload,
+    Reopen,
+    Stop,
 }
 
 impl Signals {
     fn new() -> std::io::Result<Self> {
         Ok(Signals {
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
         })
     }
 
-    /// Waits for the next signal: true for SIGHUP, false for SIGTERM or SIGINT.
-    async fn next_is_reload(&mut self) -> bool {
+    async fn next(&mut self) -> Sig {
         tokio::select! {
-            _ = self.hup.recv() => true,
-            _ = self.term.recv() => false,
-            _ = self.int.recv() => false,
+            _ = self.hup.recv() => Sig::Reload,
+            _ = self.usr1.recv() => Sig::Reopen,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.int.recv() => Sig::Stop,
         }
     }
 }

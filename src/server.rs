@@ -41,8 +41,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
-    #[error("cannot open the access log: {0}")]
-    AccessLog(io::Error),
+    #[error("cannot open the access log {}: {source}", path.display())]
+    AccessLog {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
 }
@@ -59,6 +62,7 @@ pub struct Server {
     /// A new admin socket for the control thread, when a reload moves it.
     admin_tx: tokio::sync::mpsc::UnboundedSender<Option<std::net::TcpListener>>,
     bound: std::sync::Mutex<Bindings>,
+    access_log: Option<AccessLogger>,
 }
 
 /// What is bound now: (configured bind, real address) per listener, and the admin address.
@@ -106,7 +110,14 @@ impl Server {
     /// As `start`, with `layers` added to routes (`stack.rs`), now and on every reload.
     pub fn start_with(config: Config, layers: Layers) -> Result<Server, StartError> {
         let workers = config.worker_count();
-        let access_log = AccessLogger::start(&config.access_log).map_err(StartError::AccessLog)?;
+        let access_log =
+            AccessLogger::start(&config.access_log).map_err(|source| StartError::AccessLog {
+                path: match &config.access_log {
+                    crate::config::AccessLog::File(path) => path.clone(),
+                    _ => "stderr".into(),
+                },
+                source,
+            })?;
 
         let mut per_worker: Vec<Vec<Bound>> = (0..workers).map(|_| Vec::new()).collect();
         let mut listeners = Vec::new();
@@ -184,6 +195,7 @@ impl Server {
                 listeners,
                 admin: admin_addr,
             }),
+            access_log,
         })
     }
 
@@ -199,6 +211,14 @@ impl Server {
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// Reopens the access log file at its path (after a log rotation moved it).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+            tracing::info!("access log reopened");
+        }
     }
 
     /// Starts a graceful shutdown: listeners close at once, connections finish
@@ -640,7 +660,13 @@ impl Server {
         });
         match result {
             Ok(()) => tracing::info!("reloaded {}", path.display()),
-            Err(e) => tracing::error!("reload failed, the running config stays:\n{e}"),
+            Err(e) => {
+                // One line per problem, each with its file and position, as `check` prints them.
+                for problem in e.to_string().lines() {
+                    tracing::error!("reload failed: {problem}");
+                }
+                tracing::error!("reload failed: the running config stays");
+            }
         }
     }
 

@@ -320,3 +320,188 @@ fn check_against_previews_a_reload() {
         .unwrap();
     assert!(String::from_utf8_lossy(&same.stdout).contains("no change from"));
 }
+
+#[test]
+fn check_points_at_a_bracket_never_closed() {
+    let yaml = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [\n      - upstream: app\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+    let (code, _, err) = check(yaml);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(
+            "FILE:3:13: YAML syntax: this `[` is never closed with `]` (the parser stopped at 4:"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_opens_the_access_log_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+    let missing = dir.path().join("no-such-dir/access.log");
+    let (code, _, err) = check(&format!("{base}access_log: {}\n", missing.display()));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        format!(
+            "FILE:7:13: access_log: cannot open {} for appending: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+    let good = dir.path().join("access.log");
+    let (code, out, _) = check(&format!("{base}access_log: {}\n", good.display()));
+    assert_eq!((code, out.as_str()), (0, "FILE: ok\n"));
+    assert!(good.exists(), "check opens the log as the start would");
+}
+
+#[test]
+fn the_start_is_logged_with_version_config_and_workers() {
+    let b = TestBackend::start("a");
+    let p = Process::start(&simple_config(&[&b]));
+    let log = p.log.lock().unwrap().clone();
+    let first = log.lines().next().unwrap();
+    assert!(
+        first.ends_with(&format!(
+            "bascule {} starting with {} (2 workers)",
+            env!("CARGO_PKG_VERSION"),
+            p.config.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("listening on {}", p.addrs[0])),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failed_reload_logs_each_problem_on_a_line_of_its_own() {
+    let b = TestBackend::start("a");
+    let p = Process::start(&simple_config(&[&b]));
+    let bad = simple_config(&[&b])
+        .replace("      - upstream: app", "      - upstream: nope")
+        .replace("workers: 2", "workers: 2\ncolour: blue");
+    std::fs::write(&p.config, bad).unwrap();
+    p.signal(SIGHUP);
+    wait_until(Duration::from_secs(10), "the failed reload", || {
+        p.log.lock().unwrap().contains("the running config stays")
+    });
+    let log = p.log.lock().unwrap().clone();
+    let file = p.config.display().to_string();
+    let problems: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("reload failed: ").nth(1))
+        .collect();
+    assert_eq!(problems.len(), 3, "{log}");
+    assert!(
+        problems[0].starts_with(&format!(
+            "{file}:4:19: listeners[0].routes[0].upstream: no upstream named `nope`"
+        )),
+        "{log}"
+    );
+    assert!(
+        problems[1].starts_with(&format!("{file}:12:1: colour: unknown key")),
+        "{log}"
+    );
+    assert_eq!(problems[2], "the running config stays");
+    assert_eq!(get(p.addrs[0], "/").body, "a");
+}
+
+#[test]
+fn sigusr1_reopens_the_access_log_after_a_rotation() {
+    let b = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    let yaml = format!(
+        "{}access_log: {}\n",
+        simple_config(&[&b]),
+        log_path.display()
+    );
+    let p = Process::start(&yaml);
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(get(p.addrs[0], "/first").status, 200);
+    wait_until(Duration::from_secs(10), "the first line", || {
+        lines(&log_path) == 1
+    });
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log_path, &rotated).unwrap();
+    p.signal(SIGUSR1);
+    wait_until(Duration::from_secs(10), "the reopen", || log_path.exists());
+    assert_eq!(get(p.addrs[0], "/second").status, 200);
+    wait_until(Duration::from_secs(10), "the second line", || {
+        lines(&log_path) == 1
+    });
+    assert!(std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("GET /second"));
+    assert_eq!(
+        lines(&rotated),
+        1,
+        "the rotated file keeps the first line only"
+    );
+}
+
+#[test]
+fn sighup_while_draining_is_ignored_and_the_drain_goes_on() {
+    let b = TestBackend::start("a");
+    let mut p = Process::start(&simple_config(&[&b]));
+    let mut s = TcpStream::connect(p.addrs[0]).unwrap();
+    s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the backend to get it", || {
+        !b.requests().is_empty()
+    });
+    p.signal(SIGTERM);
+    wait_until(Duration::from_secs(10), "the shutdown to begin", || {
+        p.log.lock().unwrap().contains("shutting down")
+    });
+    p.signal(SIGHUP);
+    let mut head = [0u8; 15];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK");
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+    let log = p.log.lock().unwrap().clone();
+    assert!(log.contains("SIGHUP ignored: shutting down"), "{log}");
+    assert!(!log.contains("exiting now"), "{log}");
+}
+
+#[test]
+fn a_retried_connect_failure_is_logged_with_the_backend() {
+    let b = TestBackend::start("a");
+    // A port nothing listens on: connections to it are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends: [{dead}, {}]\n    retries: 1\nworkers: 1\n",
+        b.addr
+    );
+    let p = Process::start(&yaml);
+    // Round robin starts with the dead backend; the request goes on to the live one.
+    for _ in 0..2 {
+        assert_eq!(get(p.addrs[0], "/").body, "a");
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the failed attempt's warning",
+        || {
+            p.log
+                .lock()
+                .unwrap()
+                .contains("the backend could not be reached")
+        },
+    );
+    let log = p.log.lock().unwrap().clone();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("the backend could not be reached"))
+        .unwrap();
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains(&format!("backend={dead}")), "{warning}");
+    assert!(warning.contains("upstream=app"), "{warning}");
+}

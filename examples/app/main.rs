@@ -82,13 +82,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         misses: AtomicU64::new(0),
     });
     println!("listening on {addr}");
-    match &args.redis {
-        Some(url) => eprintln!("{}: state in Redis at {url}", app.name),
-        None => eprintln!(
-            "{}: no REDIS_URL, state in this process only: sessions are not shared between replicas",
+    let says = match &args.redis {
+        Some(url) => format!("{}: state in Redis at {url}\n", app.name),
+        None => format!(
+            "{}: no REDIS_URL, state in this process only: sessions are not shared between replicas\n",
             app.name
         ),
-    }
+    };
+    // One write, so that replicas started together do not interleave their lines.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), says.as_bytes());
     loop {
         let (stream, _) = listener.accept().await?;
         let app = app.clone();

@@ -33,6 +33,7 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut d = Decoder {
         problems: Vec::new(),
         base,
+        keys: None,
     };
     let config = d.config(&root);
     match config {
@@ -48,6 +49,33 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 struct Decoder<'b> {
     problems: Vec<Problem>,
     base: &'b Path,
+    /// When asked for (`keys`): every key known and given.
+    keys: Option<Keys>,
+}
+
+/// The keys of a config text as the decoder saw them, as dotted paths (`upstreams.app.retries`,
+/// `listeners[0].bind`): those it knows in each map it visited, and those the text gives.
+#[derive(Debug, Default)]
+pub struct Keys {
+    pub known: std::collections::BTreeSet<String>,
+    pub given: std::collections::BTreeSet<String>,
+}
+
+/// The keys `text` gives and those the decoder knows in each of its maps, whatever the
+/// problems: for checking that an example shows every key.
+pub fn keys(text: &str, base: &Path) -> Result<Keys, Problem> {
+    let root = yaml::parse(text).map_err(|e| Problem {
+        pos: Some(e.pos),
+        path: String::new(),
+        message: format!("YAML syntax: {}", e.message),
+    })?;
+    let mut d = Decoder {
+        problems: Vec::new(),
+        base,
+        keys: Some(Keys::default()),
+    };
+    d.config(&root);
+    Ok(d.keys.unwrap_or_default())
 }
 
 /// The entries of one YAML map, with a record of which keys the decoder asked for.
@@ -122,6 +150,11 @@ impl Decoder<'_> {
 
     /// Reports every key of `f` the decoder never asked for.
     fn finish(&mut self, f: Fields<'_>) {
+        if let Some(keys) = &mut self.keys {
+            keys.known.extend(f.asked.iter().map(|k| join(&f.path, k)));
+            keys.given
+                .extend(f.entries.iter().map(|(k, _, _)| join(&f.path, k)));
+        }
         for (key, k, _) in &f.entries {
             if !f.asked.contains(key) {
                 let mut known = f.asked.clone();
@@ -320,12 +353,26 @@ impl Decoder<'_> {
         Some(config)
     }
 
+    /// A file is opened for appending here, as `nginx -t` opens its logs: a
+    /// path that cannot be written is this file's problem, not a failed start.
     fn access_log(&mut self, node: &Node, path: &str) -> Option<AccessLog> {
         let text = self.string(node, path)?;
         Some(match text.as_str() {
             "off" | "false" => AccessLog::Off,
             "stderr" => AccessLog::Stderr,
-            file => AccessLog::File(self.base.join(file)),
+            file => {
+                let file = self.base.join(file);
+                let opened = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&file);
+                if let Err(e) = opened {
+                    let message = format!("cannot open {} for appending: {e}", file.display());
+                    self.problem(Some(node.pos), path, message);
+                    return None;
+                }
+                AccessLog::File(file)
+            }
         })
     }
 

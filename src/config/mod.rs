@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::Method;
 
-pub use decode::decode;
+pub use decode::{decode, keys, Keys};
 use yaml::Pos;
 
 /// A complete, validated configuration.

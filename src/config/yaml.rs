@@ -73,10 +73,30 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = TreeBuilder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        pos: Pos::from(*e.marker()),
-        message: e.info().to_string(),
-    })?;
+    if let Err(e) = parser.load(&mut builder, false) {
+        let pos = Pos::from(*e.marker());
+        // A `[` or `{` left open shows up where the parser gives up, often lines
+        // later and as some other complaint: point at the bracket instead.
+        if let Some((open, bracket)) = builder
+            .unclosed(text)
+            .filter(|(open, _)| open.line < pos.line)
+        {
+            let close = if bracket == '[' { ']' } else { '}' };
+            return Err(SyntaxError {
+                pos: open,
+                message: format!(
+                    "this `{bracket}` is never closed with `{close}` (the parser stopped at {}:{}: {})",
+                    pos.line,
+                    pos.column,
+                    e.info()
+                ),
+            });
+        }
+        return Err(SyntaxError {
+            pos,
+            message: e.info().to_string(),
+        });
+    }
     if let Some(message) = builder.error {
         return Err(SyntaxError {
             pos: builder.error_pos,
@@ -113,6 +133,17 @@ impl Default for Pos {
 }
 
 impl TreeBuilder {
+    /// The innermost container still open that `text` opens with a bracket (a
+    /// flow sequence or map), and the bracket.
+    fn unclosed(&self, text: &str) -> Option<(Pos, char)> {
+        self.stack.iter().rev().find_map(|open| {
+            let pos = open.node.pos;
+            let line = text.lines().nth(pos.line.checked_sub(1)?)?;
+            let c = line.chars().nth(pos.column.checked_sub(1)?)?;
+            matches!(c, '[' | '{').then_some((pos, c))
+        })
+    }
+
     fn push_node(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
             self.anchors.insert(anchor, node.clone());

@@ -158,7 +158,8 @@ impl tower::Service<RouteRequest> for Proxy {
 /// The reply to a request that failed, logged by whose doing it was: the
 /// one place a failure becomes a status and body.
 pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody> {
-    if e.is_clients() {
+    // A failed attempt was logged, with its cause, when it failed.
+    if e.is_clients() || e.is_attempts() {
         tracing::debug!(peer = %cx.peer, "{e}");
     } else {
         let backend = ex
@@ -241,19 +242,21 @@ fn forward<'a>(
         }
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_upgrade), Some(protocol)) = (
-                client_upgrade,
-                resp.headers().get(http::header::UPGRADE).cloned(),
-            ) else {
-                // A switch nobody asked for cannot be carried to the client.
-                return Err(ProxyError::Broken);
-            };
+            let protocol = resp.headers().get(http::header::UPGRADE).cloned();
             let (mut parts, body) = resp.into_parts();
-            // Only HTTP/1.1 switches protocols; an HTTP/2 backend cannot send a 101.
-            let Either::Left(body) = body else {
-                return Err(ProxyError::Broken);
+            // A switch nobody asked for cannot be carried to the client; only
+            // HTTP/1.1 switches protocols (an HTTP/2 backend cannot send a 101).
+            let ends = match (client_upgrade, protocol, body) {
+                (Some(client), Some(protocol), Either::Left(body)) => body
+                    .into_upgraded()
+                    .map(|backend| (client, protocol, backend)),
+                _ => None,
             };
-            let Some(backend) = body.into_upgraded() else {
+            let Some((client_upgrade, protocol, backend)) = ends else {
+                tracing::warn!(
+                    upstream = %upstream.config.name,
+                    "the backend switched protocols where the client cannot follow"
+                );
                 return Err(ProxyError::Broken);
             };
             headers::strip_hop_by_hop(&mut parts.headers);
@@ -339,9 +342,17 @@ async fn send_with_retries(
             Ok(Err(failure)) => failure,
         };
         let error = failure.error;
-        tracing::debug!(backend = %backend.address, "{error}: {}", failure.cause);
         // An upload that broke off is the client's doing: no mark against the backend.
-        if !error.is_clients() {
+        if error.is_clients() {
+            tracing::debug!(backend = %backend.address, "{error}: {}", failure.cause);
+        } else {
+            // Each failed attempt, retried or not, as NGINX logs each upstream it gave up on.
+            tracing::warn!(
+                upstream = %upstream.config.name,
+                backend = %backend.address,
+                "{error}: {}",
+                failure.cause
+            );
             health::record_exchange(upstream, chosen, false);
         }
         let Again::OtherBackend { budgeted } = failure.again(Attempt {

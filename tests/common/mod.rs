@@ -650,6 +650,7 @@ impl Drop for Process {
 pub const SIGHUP: Signal = Signal::HUP;
 pub const SIGINT: Signal = Signal::INT;
 pub const SIGTERM: Signal = Signal::TERM;
+pub const SIGUSR1: Signal = Signal::USR1;
 
 /// A persistent HTTP/1.1 client connection, for load that reuses connections.
 pub struct KeepAlive {
