@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-echo "Building bascule and the example app (the first build takes two to three minutes)..."
+echo "Building bascule and the example app (a first build takes about a minute and a half on two cores)..."
 cargo build --bin bascule --example app
 pids=()
 # Every process below runs in a session of its own (setsid), so Ctrl-C reaches this

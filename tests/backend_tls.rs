@@ -97,9 +97,11 @@ fn requests_and_probes_reach_backends_over_verified_tls_with_h2_where_offered() 
     // HTTP/2 multiplexes: one connection per worker at most. A probe's connection is
     // counted when accepted and its probe when answered, so one caught in between
     // shows for a moment as a connection too many: wait for the counts to agree.
-    wait_until(Duration::from_secs(5), "at most one connection per worker", || {
-        h2.connections.load(Ordering::SeqCst) - h2.probes.load(Ordering::SeqCst) <= 2
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "at most one connection per worker",
+        || h2.connections.load(Ordering::SeqCst) - h2.probes.load(Ordering::SeqCst) <= 2,
+    );
 }
 
 #[test]

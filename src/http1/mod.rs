@@ -26,19 +26,35 @@ pub struct BodyFields {
     /// Whether the last coding of the last `Transfer-Encoding` field is
     /// `chunked`, if there is one.
     pub chunked: Option<bool>,
+    /// A coding other than `chunked` is named, or `chunked` more than once
+    /// (RFC 9112 §6.1: chunked is applied once, last).
+    pub other_codings: bool,
     pub content_length: Option<u64>,
     /// A `Content-Length` that is not a number, or copies that disagree.
     pub bad_length: bool,
+    /// `Content-Length` values seen, as fields or in lists: more than one
+    /// (all the same, or `bad_length`) is passed on as one plain value.
+    pub length_values: u32,
 }
 
 impl BodyFields {
     pub fn add_transfer_encoding(&mut self, value: &[u8]) {
-        let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue;
+            }
+            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            // Anything after a chunked coding, or a second chunked, cannot be framed.
+            if !chunked || self.chunked == Some(true) {
+                self.other_codings = true;
+            }
+            self.chunked = Some(chunked);
+        }
     }
 
     pub fn add_content_length(&mut self, value: &[u8]) {
         for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            self.length_values += 1;
             let n = std::str::from_utf8(part)
                 .ok()
                 .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
@@ -165,6 +181,12 @@ impl FieldSpans {
         }
         if fields.body.chunked.is_some() && fields.body.content_length.is_some() {
             fields.headers.remove(http::header::CONTENT_LENGTH);
+        } else if let (Some(n), true) = (fields.body.content_length, fields.body.length_values > 1)
+        {
+            // Copies that agree go on as one plain value (RFC 9110 §8.6).
+            fields
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         Ok(fields)
     }

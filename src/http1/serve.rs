@@ -34,7 +34,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, DATE};
+use http::header::{HeaderValue, CONTENT_LENGTH, DATE, HOST};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -582,10 +582,15 @@ fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>
     let mut expect_continue = false;
     let mut trailers = false;
     let mut upgrade = false;
+    let mut hosts = 0u32;
+    let mut host_valid = true;
     // With room for the fields the service adds: growing the map costs more than filling it.
     let fields = spans
         .fields(&head, added_fields, |name, raw| {
-            if name.eq_ignore_ascii_case(b"upgrade") {
+            if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
+                host_valid &= is_authority(raw);
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             } else if name.eq_ignore_ascii_case(b"expect") {
                 expect_continue |= raw.eq_ignore_ascii_case(b"100-continue");
@@ -597,11 +602,36 @@ fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>
         })
         .map_err(|_| bad("malformed header field"))?;
     let Fields {
-        headers,
+        mut headers,
         connection,
         body,
     } = fields;
+    // RFC 9112 §3.2: one Host, and a valid one.
+    if hosts > 1 {
+        return Err(bad("more than one Host field"));
+    }
+    if !host_valid {
+        return Err(bad("the Host field is not a host and port"));
+    }
+    // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, for
+    // routing and for the backend alike.
+    if let Some(authority) = uri.authority() {
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| bad("malformed request target"))?;
+        headers.insert(HOST, host);
+    }
     let mut keep_alive = keeps_alive(version, connection);
+    if body.chunked.is_some() && version == Version::HTTP_10 {
+        // RFC 9112 §6.1: HTTP/1.0 has no transfer codings; such framing is faulty.
+        return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+    }
+    if body.chunked == Some(true) && body.other_codings {
+        // RFC 9112 §6.1: a coding bascule does not apply is not dropped silently.
+        return Err(HeadError::Refused(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer codings other than chunked are not supported",
+        ));
+    }
     // RFC 9112 §6.3: a final chunked coding frames the body, and a
     // Content-Length beside it is dropped; any other coding cannot be framed.
     let body = match body.chunked {
@@ -632,6 +662,14 @@ fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>
         trailers,
         upgrade,
     }))
+}
+
+/// A Host value as RFC 9110 §7.2 has it: a host, and a port or not; no user
+/// information, path or spaces.
+fn is_authority(raw: &[u8]) -> bool {
+    !raw.is_empty()
+        && !raw.contains(&b'@')
+        && http::uri::Authority::try_from(raw).is_ok_and(|a| a.as_str().len() == raw.len())
 }
 
 /// The interim reply to `Expect: 100-continue`.

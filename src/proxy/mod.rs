@@ -222,6 +222,8 @@ fn forward<'a>(
             Some(value)
         });
         headers::strip_hop_by_hop(&mut parts.headers);
+        // An HTTP/1.0 request may come without a host; an HTTP/1.1 one may not go without.
+        let hostless = host_field.is_none();
         headers::add_forwarded(&mut parts.headers, &cx.client_ip, cx.tls, host_field);
         if let Some(protocol) = &upgrade {
             headers::set_upgrade(&mut parts.headers, protocol.clone());
@@ -231,7 +233,7 @@ fn forward<'a>(
         }
         parts.version = Version::HTTP_11;
         let mut out = Request::from_parts(parts, Either::Left(body));
-        let mut resp = send_with_retries(upstream, key, pinned, &mut out, ex).await?;
+        let mut resp = send_with_retries(upstream, key, pinned, hostless, &mut out, ex).await?;
         if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
             // A client pinned to the backend that served it needs no new cookie.
             if pinned != Some(chosen) {
@@ -276,10 +278,13 @@ fn forward<'a>(
 /// (idempotent, no body). Never the same backend twice, at most `retries` extra
 /// attempts, and, for requests that reached a backend, only as the retry budget
 /// allows. A timeout is not retried: the backend may still be working on it.
+/// `hostless`: the request has no Host (HTTP/1.0 may omit it), so each attempt
+/// names its backend's address.
 async fn send_with_retries(
     upstream: &Upstream,
     key: Option<u64>,
     pinned: Option<usize>,
+    hostless: bool,
     out: &mut Request<OutBody>,
     ex: &mut Exchange,
 ) -> Result<Response<BackendBody>, ProxyError> {
@@ -319,6 +324,12 @@ async fn send_with_retries(
         target.authority = Some(backend.authority.clone());
         *out.uri_mut() = Uri::from_parts(target)
             .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+        if hostless {
+            // The backend's own address, as NGINX sends its upstream's.
+            if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
+                out.headers_mut().insert(HOST, host);
+            }
+        }
 
         let request = std::mem::replace(out, Request::new(Either::Right(Empty::new())));
         // The timer beside the exchange, not wrapped around it: a wrapper
