@@ -42,6 +42,14 @@ fn picks(c: &mut Criterion) {
             })
         });
 
+        // Every backend down: the walk stops once it has seen them all.
+        c.bench_function(&format!("consistent_hash_all_down/{n}"), |b| {
+            b.iter(|| {
+                k += 1;
+                black_box(ring.pick(hash64(&k.to_le_bytes()), |_| false, load, total))
+            })
+        });
+
         let bounded = Ring::new(&refs, &weights, Some(1.25));
         c.bench_function(&format!("consistent_hash_bounded/{n}"), |b| {
             b.iter(|| {

@@ -91,6 +91,13 @@ pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
     if failures < passive.consecutive_failures || state.ejected_for().is_some() {
         return;
     }
+    // Deciding an ejection is rare, and must be one act: counted and ejected
+    // under the upstream's lock, so that failures at once on several workers
+    // cannot together eject past the cap, or the last usable backend.
+    let _deciding = upstream.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+    if state.ejected_for().is_some() {
+        return;
+    }
     let ejected = upstream
         .backends
         .iter()
@@ -103,6 +110,9 @@ pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
     ) {
         return;
     }
+    // Without active checks nothing else forgets old ejections: a backend
+    // that has served cleanly since its last one starts again from the base.
+    decay_ejections(state, passive);
     state.failures.store(0, Ordering::Relaxed);
     let rule = Ejection {
         base: passive.ejection,
@@ -122,8 +132,9 @@ pub fn record_exchange(upstream: &Upstream, index: usize, ok: bool) {
     );
 }
 
-/// Forgets past ejections of a backend that has served cleanly for a while, so
-/// that the next ejection starts again from the base length.
+/// Forgets past ejections of a backend that has served cleanly for a while (its
+/// last ejection ended more than `max_ejection` ago), so that the next ejection
+/// starts again from the base length.
 fn decay_ejections(state: &BackendState, passive: &PassiveConfig) {
     let until = state.ejected_until.load(Ordering::Relaxed);
     if until != 0 && now_ms() > until + passive.max_ejection.as_millis() as u64 {
@@ -375,6 +386,81 @@ mod tests {
         assert!(ejection_allowed(2, 0, 100));
         assert!(!ejection_allowed(1, 0, 100));
         assert!(!ejection_allowed(3, 0, 0));
+    }
+
+    /// The first upstream of a config with `backends` backends and `passive` settings.
+    fn upstream(backends: usize, passive: &str) -> Arc<Upstream> {
+        let list: Vec<String> = (0..backends)
+            .map(|i| format!("127.0.0.1:{}", 20000 + i))
+            .collect();
+        let yaml = format!(
+            "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{{upstream: app}}]\nupstreams:\n  app:\n    passive: {passive}\n    backends: [{}]\n",
+            list.join(", ")
+        );
+        let config = crate::config::decode(&yaml, std::path::Path::new(".")).unwrap();
+        let snapshot = crate::state::Snapshot::build(Arc::new(config), None);
+        snapshot.upstreams[0].clone()
+    }
+
+    #[test]
+    fn a_backend_clean_since_its_last_ejection_starts_again_from_the_base() {
+        let u = upstream(
+            4,
+            "{ consecutive_failures: 1, ejection: 10ms, max_ejection: 20ms }",
+        );
+        let state = &u.backends[0].state;
+        record_exchange(&u, 0, false);
+        assert_eq!(state.ejections.load(Ordering::Relaxed), 1);
+        // Its ejection ended at the clock's start, longer ago than max_ejection,
+        // with no active checks to notice.
+        state.ejected_until.store(1, Ordering::Relaxed);
+        while now_ms() < 30 {
+            std::thread::yield_now();
+        }
+        record_exchange(&u, 0, false);
+        let left = state.ejected_for().expect("ejected again");
+        assert!(
+            left <= Duration::from_millis(10),
+            "{left:?}: doubled, not decayed"
+        );
+        assert_eq!(state.ejections.load(Ordering::Relaxed), 1);
+        // Failing again as soon as it comes back still doubles.
+        state.ejected_until.store(now_ms(), Ordering::Relaxed);
+        record_exchange(&u, 0, false);
+        assert!(state.ejected_for().unwrap() > Duration::from_millis(10));
+    }
+
+    #[test]
+    fn concurrent_failures_never_eject_past_the_cap() {
+        // Many backends: counting them is the window in which two failures at
+        // once could both see room for one more ejection.
+        let u = upstream(
+            64,
+            "{ consecutive_failures: 1, ejection: 1h, max_ejected_percent: 50 }",
+        );
+        for _ in 0..300 {
+            for b in &u.backends {
+                b.state.ejected_until.store(0, Ordering::Relaxed);
+                b.state.failures.store(0, Ordering::Relaxed);
+            }
+            // Every backend fails at once, each on its own thread.
+            let start = std::sync::Barrier::new(u.backends.len());
+            std::thread::scope(|scope| {
+                for i in 0..u.backends.len() {
+                    let (u, start) = (&u, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        record_exchange(u, i, false);
+                    });
+                }
+            });
+            let ejected = u
+                .backends
+                .iter()
+                .filter(|b| b.state.ejected_for().is_some())
+                .count();
+            assert_eq!(ejected, 32, "50% of 64");
+        }
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ pub struct Upstream {
     pub retry_budget: RetryBudget,
     pub retried: Counter,
     pub sticky: Option<Sticky>,
+    /// Held while a passive ejection is decided (`health::record_exchange`).
+    pub ejecting: std::sync::Mutex<()>,
     /// Drives slow start's admissions: a counter hashed into a fraction.
     admissions: AtomicU64,
     pub duration: Histogram,
@@ -62,6 +64,7 @@ impl Upstream {
             retry_budget: RetryBudget::new(config.retry_budget),
             retried: m::retries(&config.name),
             sticky,
+            ejecting: std::sync::Mutex::new(()),
             admissions: AtomicU64::new(0),
             duration: m::request_duration(&config.name),
             unserved: RequestCounters::new(&config.name, m::NONE),

@@ -207,9 +207,10 @@ pub enum Chunked {
     Data(u64),
     /// The CRLF after a chunk's data.
     DataEnd,
-    /// Trailer fields, up to the empty line. Boxed, once there is one: they
-    /// are rare, and every chunked body carries a decoder, moved many times over.
-    Trailers(Option<Box<HeaderMap>>),
+    /// Trailer fields, up to the empty line, and the bytes of trailer lines
+    /// read so far. Boxed, once there is one: they are rare, and every chunked
+    /// body carries a decoder, moved many times over.
+    Trailers(Option<Box<HeaderMap>>, u32),
     End,
 }
 
@@ -242,7 +243,7 @@ impl Chunked {
                     }
                     let size = u64::from_str_radix(digits, 16).map_err(|_| bad_chunk())?;
                     *self = if size == 0 {
-                        Chunked::Trailers(None)
+                        Chunked::Trailers(None, 0)
                     } else {
                         Chunked::Data(size)
                     };
@@ -268,10 +269,20 @@ impl Chunked {
                     }
                     *self = Chunked::Size;
                 }
-                Chunked::Trailers(fields) => {
+                Chunked::Trailers(fields, bytes) => {
                     let Some(line) = take_line(buf)? else {
                         return Ok(Decoded::More);
                     };
+                    // Bounded as hyper bounds them: a sender cannot grow the map
+                    // (or hold the body open) with trailer lines for ever.
+                    *bytes = bytes.saturating_add(line.len() as u32 + 2);
+                    let count = fields.as_ref().map_or(0, |f| f.len());
+                    if *bytes > MAX_TRAILER_BYTES || count >= MAX_HEADERS {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the trailer fields are too large",
+                        ));
+                    }
                     if line.is_empty() {
                         let fields = fields.take();
                         *self = Chunked::End;
@@ -287,6 +298,10 @@ impl Chunked {
         }
     }
 }
+
+/// The most bytes of trailer fields a chunked body may end with (hyper's limit);
+/// at most `MAX_HEADERS` fields.
+pub const MAX_TRAILER_BYTES: u32 = 16 * 1024;
 
 /// Room made in a read buffer before each read.
 pub const READ_CHUNK: usize = 8 * 1024;
@@ -665,6 +680,26 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn trailer_fields_are_bounded_in_bytes_and_count() {
+        let body = |trailers: &str| format!("1\r\na\r\n0\r\n{trailers}\r\n").into_bytes();
+        // The same name again and again (extra values), then many distinct names.
+        let repeated = "x-a: 1\r\n".repeat(3_000);
+        let distinct: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: 1\r\n"))
+            .collect();
+        for (what, trailers) in [("repeated", repeated), ("distinct", distinct)] {
+            let e = decode_all(&body(&trailers), 4096).unwrap_err();
+            assert_eq!(e.to_string(), "the trailer fields are too large", "{what}");
+        }
+        // Within both bounds, they arrive.
+        let fine: String = (0..50)
+            .map(|i| format!("x-{i}: {}\r\n", "v".repeat(100)))
+            .collect();
+        let (_, trailers, _) = decode_all(&body(&fine), 4096).unwrap();
+        assert_eq!(trailers.len(), 50);
     }
 
     /// A body that hands out its frames, all ready.

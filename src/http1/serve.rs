@@ -664,12 +664,36 @@ fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>
     }))
 }
 
-/// A Host value as RFC 9110 §7.2 has it: a host, and a port or not; no user
-/// information, path or spaces.
+/// A Host value as RFC 9110 §7.2 has it: a host (a name, an IPv4 address or a
+/// bracketed IPv6 one) and a port or not, in the characters RFC 3986 allows
+/// there; no user information, path, query or spaces. Checked by byte, with no
+/// allocation: every request's Host passes through here.
 fn is_authority(raw: &[u8]) -> bool {
     !raw.is_empty()
-        && !raw.contains(&b'@')
-        && http::uri::Authority::try_from(raw).is_ok_and(|a| a.as_str().len() == raw.len())
+        && raw.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                        | b'%'
+                )
+        })
 }
 
 /// The interim reply to `Expect: 100-continue`.
