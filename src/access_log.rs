@@ -23,6 +23,8 @@ enum Message {
     Line(String),
     /// Close the file and open it again at its path.
     Reopen,
+    /// Write to this destination from now on (a reload changed it).
+    Switch(AccessLog),
 }
 
 fn open(config: &AccessLog) -> io::Result<Option<Box<dyn Write + Send>>> {
@@ -41,7 +43,7 @@ impl AccessLogger {
         let Some(out) = open(config)? else {
             return Ok(None);
         };
-        let config = config.clone();
+        let mut config = config.clone();
         let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
@@ -55,8 +57,11 @@ impl AccessLogger {
                             Message::Line(line) => {
                                 let _ = out.write_all(line.as_bytes());
                             }
-                            Message::Reopen => {
+                            Message::Reopen | Message::Switch(_) => {
                                 let _ = out.flush();
+                                if let Message::Switch(to) = message {
+                                    config = to;
+                                }
                                 match open(&config) {
                                     Ok(Some(file)) => out = BufWriter::new(file),
                                     Ok(None) => {}
@@ -81,6 +86,11 @@ impl AccessLogger {
     /// Reopens the log file at its path, after the lines already sent.
     pub fn reopen(&self) {
         let _ = self.tx.send(Message::Reopen);
+    }
+
+    /// Sends the lines after those already sent to `to` (a file or stderr).
+    pub fn switch(&self, to: AccessLog) {
+        let _ = self.tx.send(Message::Switch(to));
     }
 }
 

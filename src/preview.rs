@@ -11,9 +11,35 @@ use crate::config::{Balance, Config, UpstreamConfig};
 
 const SAMPLE_KEYS: u64 = 100_000;
 
+/// What a reload cannot change in a running process, one line each: the
+/// number of workers (threads, each with its own sockets), and turning the
+/// access log on or off (where it goes, a reload changes).
+pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.worker_count() != new.worker_count() {
+        out.push(format!(
+            "! workers: {} -> {} needs a restart; a reload keeps {}",
+            old.worker_count(),
+            new.worker_count(),
+            old.worker_count()
+        ));
+    }
+    let on = |c: &Config| c.access_log != crate::config::AccessLog::Off;
+    if on(old) != on(new) {
+        out.push(format!(
+            "! access_log: turning it {} needs a restart; a reload keeps it {}",
+            if on(new) { "on" } else { "off" },
+            if on(old) { "on" } else { "off" },
+        ));
+    } else if old.access_log != new.access_log {
+        out.push("~ access_log: lines go to the new destination".to_string());
+    }
+    out
+}
+
 /// One line per change; empty when the configs are the same.
 pub fn preview(old: &Config, new: &Config) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = restart_needed(old, new);
     for l in &new.listeners {
         match old.listeners.iter().find(|o| o.bind == l.bind) {
             None => out.push(format!(

@@ -696,6 +696,16 @@ impl Server {
             _ => None,
         };
 
+        for line in crate::preview::restart_needed(&current.config, &config) {
+            tracing::warn!("reload: {line}");
+        }
+        if let Some(log) = &self.access_log {
+            if config.access_log != current.config.access_log
+                && config.access_log != crate::config::AccessLog::Off
+            {
+                log.switch(config.access_log.clone());
+            }
+        }
         let config = Arc::new(config);
         self.state
             .store(Snapshot::build(config.clone(), Some(&current)));

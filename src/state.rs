@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerRoutes>,
     /// The layers a program added to routes, carried to every snapshot built from this one.
     pub layers: Layers,
+    /// The running process's worker threads: the first config's count, which a
+    /// reload cannot change (pools are sized by it).
+    pub workers: usize,
 }
 
 impl Snapshot {
@@ -69,13 +72,14 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         layers: Layers,
     ) -> Snapshot {
+        let workers = previous.map_or_else(|| config.worker_count(), |p| p.workers);
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
                 Arc::new(build_upstream(
                     u,
-                    config.worker_count(),
+                    workers,
                     previous.and_then(|p| p.upstream(&u.name)),
                 ))
             })
@@ -125,6 +129,7 @@ impl Snapshot {
             upstreams,
             listeners,
             layers,
+            workers,
         }
     }
 

@@ -505,3 +505,62 @@ fn a_retried_connect_failure_is_logged_with_the_backend() {
     assert!(warning.contains(&format!("backend={dead}")), "{warning}");
     assert!(warning.contains("upstream=app"), "{warning}");
 }
+
+#[test]
+fn a_reload_applies_a_new_access_log_and_says_what_needs_a_restart() {
+    let b = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let yaml = |log: &std::path::Path, workers: usize| {
+        simple_config(&[&b]).replace(
+            "workers: 2",
+            &format!("workers: {workers}\naccess_log: {}", log.display()),
+        )
+    };
+    let p = Process::start(&yaml(&first, 2));
+    let lines =
+        |path: &std::path::Path| std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    assert_eq!(get(p.addrs[0], "/before").status, 200);
+    wait_until(Duration::from_secs(10), "the first line", || {
+        lines(&first) == 1
+    });
+
+    std::fs::write(&p.config, yaml(&second, 4)).unwrap();
+    // What check --against says of it, before it is applied.
+    let old = dir.path().join("old.yaml");
+    std::fs::write(&old, yaml(&first, 2)).unwrap();
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&p.config)
+        .arg("--against")
+        .arg(&old)
+        .output()
+        .unwrap();
+    let preview = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        preview.contains("! workers: 2 -> 4 needs a restart; a reload keeps 2"),
+        "{preview}"
+    );
+    assert!(
+        preview.contains("~ access_log: lines go to the new destination"),
+        "{preview}"
+    );
+
+    p.signal(SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload", || {
+        p.log.lock().unwrap().contains("reloaded")
+    });
+    let log = p.log.lock().unwrap().clone();
+    assert!(
+        log.contains("reload: ! workers: 2 -> 4 needs a restart; a reload keeps 2"),
+        "{log}"
+    );
+    assert_eq!(get(p.addrs[0], "/after").status, 200);
+    wait_until(Duration::from_secs(10), "a line in the new log", || {
+        lines(&second) == 1
+    });
+    assert!(std::fs::read_to_string(&second)
+        .unwrap()
+        .contains("GET /after"));
+    assert_eq!(lines(&first), 1);
+}
