@@ -123,3 +123,53 @@ fn oversized_head_is_431() {
     assert_eq!(http1(lb.addr, "GET", "/", &[&huge]).status, 431);
     assert!(b.requests().len() == 1);
 }
+
+/// A backend that answers an upload before reading it (a 413) and closes:
+/// bascule's writes of the rest then fail, and the answer already there is
+/// what the client must get, not a 502.
+#[test]
+fn a_backend_that_refuses_an_upload_and_closes_is_heard() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n",
+            );
+            // Closed with the body unread: the kernel answers the rest with a reset.
+        }
+    });
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends: [{backend}]\n"
+    );
+    let lb = Balancer::start(&yaml);
+    let size = 16 << 20;
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The client sends on until bascule answers (or stops reading).
+    let chunk = vec![b'x'; 64 * 1024];
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..size / chunk.len() {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let reply = read_reply(&mut s, &mut Vec::new()).unwrap();
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert_eq!(reply.body, "too big\n");
+    drop(s);
+    let _ = writer.join();
+}

@@ -165,13 +165,25 @@ impl Conn {
                 None,
             );
             let mut got_any = false;
+            // Set when writing the upload failed: the backend stopped reading.
+            let mut cut_off: Option<io::Error> = None;
             let parsed = std::future::poll_fn(|cx| {
                 // The request body goes out while the response is awaited: a backend
                 // may answer (and stop reading) before the upload is over.
-                if let Poll::Ready(Err(e)) = upload.poll_send(cx, &mut self.io) {
-                    return Poll::Ready(Err(e));
+                if cut_off.is_none() {
+                    if let Poll::Ready(Err(e)) = upload.poll_send(cx, &mut self.io) {
+                        if BodyFailed::of(&e).is_some() {
+                            return Poll::Ready(Err(e));
+                        }
+                        // A backend that refuses an upload answers and closes (a 413):
+                        // its answer may be waiting to be read, and is the one to pass on.
+                        cut_off = Some(e);
+                    }
                 }
-                self.poll_head(cx, &mut got_any)
+                match self.poll_head(cx, &mut got_any) {
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(cut_off.take().unwrap_or(e))),
+                    polled => polled,
+                }
             })
             .await
             .and_then(|head| Ok((framing(head_only, head.status, &head.body)?, head)));
