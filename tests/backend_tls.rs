@@ -292,3 +292,60 @@ fn a_burst_on_a_hanging_backend_opens_a_limited_number_and_each_request_fails_by
         "{REQUESTS} requests took {took:?} to fail"
     );
 }
+
+/// An HTTP/2 backend that refuses every stream (`REFUSED_STREAM`, which tells
+/// a client the request was not processed and may be sent again) is tried a
+/// bounded number of times, not resent to for as long as the request waits.
+#[test]
+fn an_http2_backend_refusing_every_stream_is_resent_to_a_bounded_number_of_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let acceptor = ca.acceptor(&["backend.test"], &[b"h2"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let streams = streams.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let (acceptor, streams) = (acceptor.clone(), streams.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut conn) = h2::server::handshake(tls).await else {
+                            return;
+                        };
+                        while let Some(Ok((_, mut respond))) = conn.accept().await {
+                            streams.fetch_add(1, Ordering::SeqCst);
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                    });
+                }
+            });
+        });
+    }
+    let yaml = format!(
+        "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    tls: {{ ca: {}/ca.pem, server_name: backend.test }}\n    retries: 0\n    timeouts: {{ response: 5s }}\n    backends: [{backend}]\nworkers: 1\n",
+        dir.path().display()
+    );
+    let lb = Balancer::start(&yaml);
+    let started = std::time::Instant::now();
+    let reply = get(lb.addr, "/");
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let sent = streams.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&sent), "{sent} streams for one request");
+}

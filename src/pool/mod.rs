@@ -86,6 +86,10 @@ pub type BackendBody = Either<h1::Body<Return>, Incoming>;
 /// connections back a moment later, and reopening them costs far more.
 const SURPLUS_AFTER: Duration = Duration::from_secs(1);
 
+/// The most times one request is sent again on another connection to the same
+/// backend (a pooled connection found closed, or an HTTP/2 one that failed it).
+const MAX_RESENDS: u32 = 4;
+
 /// A connection idle this long may have been closed by the backend's keep-alive timeout.
 const STALE_AFTER: Duration = Duration::from_millis(100);
 
@@ -346,6 +350,7 @@ impl Pool {
     ) -> impl std::future::Future<Output = Result<Response<BackendBody>, SendFailure>> + Send + '_
     {
         async move {
+            let mut resends = 0;
             loop {
                 let Checkout {
                     sender,
@@ -386,8 +391,11 @@ impl Pool {
                         Err(failure) => failure,
                     },
                 };
+                resends += 1;
                 match failure.again(attempt) {
-                    Again::SameBackend => match failure.into_request() {
+                    // Bounded even so: a backend whose pooled connections keep
+                    // failing the same way must not hold the request here.
+                    Again::SameBackend if resends <= MAX_RESENDS => match failure.into_request() {
                         Some(again) => req = *again,
                         None => unreachable!("the policy resends only what came back"),
                     },
