@@ -33,6 +33,7 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut d = Decoder {
         problems: Vec::new(),
         base,
+        admin_bind: None,
         keys: None,
     };
     let config = d.config(&root);
@@ -49,6 +50,8 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 struct Decoder<'b> {
     problems: Vec<Problem>,
     base: &'b Path,
+    /// Where `admin.bind` is (or `admin`, when it takes the default).
+    admin_bind: Option<Pos>,
     /// When asked for (`keys`): every key known and given.
     keys: Option<Keys>,
 }
@@ -72,6 +75,7 @@ pub fn keys(text: &str, base: &Path) -> Result<Keys, Problem> {
     let mut d = Decoder {
         problems: Vec::new(),
         base,
+        admin_bind: None,
         keys: Some(Keys::default()),
     };
     d.config(&root);
@@ -337,6 +341,13 @@ impl Decoder<'_> {
             d.integer(n, p, 1, 1024).map(|n| Some(n as usize))
         });
         self.finish(f);
+        // Checked whatever else failed, so that one run reports every problem.
+        if let (Some(Some(admin)), Some(listeners)) = (&admin, &listeners) {
+            if admin.bind.port() != 0 && listeners.iter().any(|l| l.bind == admin.bind) {
+                let pos = self.admin_bind;
+                self.problem(pos, "admin.bind", "the same address as a listener");
+            }
+        }
         let config = Config {
             listeners: listeners?,
             upstreams: upstreams?,
@@ -345,11 +356,6 @@ impl Decoder<'_> {
             access_log: access_log?,
             workers: workers?,
         };
-        if let Some(admin) = &config.admin {
-            if admin.bind.port() != 0 && config.listeners.iter().any(|l| l.bind == admin.bind) {
-                self.problem(None, "admin.bind", "the same address as a listener");
-            }
-        }
         Some(config)
     }
 
@@ -380,8 +386,15 @@ impl Decoder<'_> {
     fn admin(&mut self, node: &Node, path: &str) -> Option<AdminConfig> {
         let default = SocketAddr::from(([127, 0, 0, 1], 9901));
         let mut f = self.fields(node, path)?;
-        let bind = self.optional(&mut f, "bind", default, Self::socket_addr);
+        let bind = self.optional(&mut f, "bind", default, |d, n, p| {
+            // Kept for the check against the listeners, made once they are known.
+            d.admin_bind = Some(n.pos);
+            d.socket_addr(n, p)
+        });
         self.finish(f);
+        if bind.is_some() && self.admin_bind.is_none() {
+            self.admin_bind = Some(node.pos);
+        }
         Some(AdminConfig { bind: bind? })
     }
 
@@ -562,7 +575,14 @@ impl Decoder<'_> {
                 })
             },
         );
-        let ttl = self.optional(&mut f, "ttl", Duration::from_secs(3600), Self::duration);
+        let ttl = self.optional(&mut f, "ttl", Duration::from_secs(3600), |d, n, p| {
+            let ttl = d.duration(n, p)?;
+            if ttl.as_secs() == 0 {
+                d.problem(Some(n.pos), p, "must be at least one second");
+                return None;
+            }
+            Some(ttl)
+        });
         let inline = f.get("secret");
         let file = f.get("secret_file");
         let secrets = match (inline, file) {
@@ -606,14 +626,6 @@ impl Decoder<'_> {
         });
         self.finish(f);
         let ttl = ttl?;
-        if ttl.as_secs() == 0 {
-            self.problem(
-                Some(node.pos),
-                &join(path, "ttl"),
-                "must be at least one second",
-            );
-            return None;
-        }
         Some(StickyConfig {
             cookie: cookie?,
             ttl,
@@ -658,6 +670,16 @@ impl Decoder<'_> {
         }
     }
 
+    /// A duration above zero.
+    fn positive(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        let d = self.duration(node, path)?;
+        if d.is_zero() {
+            self.problem(Some(node.pos), path, "must be above zero");
+            return None;
+        }
+        Some(d)
+    }
+
     fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
         self.parsed(node, path, "true or false", |s| match s {
             "true" => Ok(true),
@@ -681,8 +703,8 @@ impl Decoder<'_> {
                 }
             })
         });
-        let interval = self.optional(&mut f, "interval", Duration::from_secs(2), Self::duration);
-        let timeout = self.optional(&mut f, "timeout", Duration::from_secs(1), Self::duration);
+        let interval = self.optional(&mut f, "interval", Duration::from_secs(2), Self::positive);
+        let timeout = self.optional(&mut f, "timeout", Duration::from_secs(1), Self::positive);
         let threshold = |d: &mut Self, n: &Node, p: &str| d.integer(n, p, 1, 100).map(|v| v as u32);
         let healthy_threshold = self.optional(&mut f, "healthy_threshold", 2, threshold);
         let unhealthy_threshold = self.optional(&mut f, "unhealthy_threshold", 3, threshold);
@@ -702,14 +724,6 @@ impl Decoder<'_> {
         });
         self.finish(f);
         let (interval, timeout) = (interval?, timeout?);
-        if interval.is_zero() || timeout.is_zero() {
-            self.problem(
-                Some(node.pos),
-                path,
-                "interval and timeout must be above zero",
-            );
-            return None;
-        }
         Some(HealthCheckConfig {
             path: check_path?,
             interval,
@@ -1164,6 +1178,19 @@ mod tests {
         assert_eq!(c.upstreams[0].response_timeout, Duration::from_secs(60));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.access_log, AccessLog::Off);
+    }
+
+    #[test]
+    fn problems_of_a_value_point_at_the_value() {
+        let text = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n    sticky: { secret: s, ttl: 0s }\n    health_check: { interval: 0s }\nadmin:\n  bind: 127.0.0.1:8080\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "7:31: upstreams.app.sticky.ttl: must be at least one second",
+                "8:31: upstreams.app.health_check.interval: must be above zero",
+                "10:9: admin.bind: the same address as a listener",
+            ]
+        );
     }
 
     #[test]
