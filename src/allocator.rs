@@ -73,3 +73,42 @@ pub fn tune() {
         unsafe { mi::mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
     }
 }
+
+/// The assumptions the code above makes of mimalloc, pinned: a version that
+/// broke them would fail here, not in production.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_plain_block_is_at_least_word_aligned() {
+        for size in (1..=4096).chain([8192, 65_536, 1 << 20, 8 << 20]) {
+            // SAFETY: a plain allocation, checked and freed at once.
+            let p = unsafe { mi::mi_malloc(size) };
+            assert!(!p.is_null());
+            assert_eq!(p as usize % WORD, 0, "a {size}-byte block at {p:?}");
+            // SAFETY: `p` came from `mi_malloc` and is freed once.
+            unsafe { mi::mi_free(p) };
+        }
+    }
+
+    /// mimalloc reads `MIMALLOC_PURGE_DELAY` into the purge delay option at
+    /// start: a child process started with it set shows which option that is.
+    #[test]
+    fn option_15_is_the_purge_delay() {
+        if std::env::var_os("BASCULE_PURGE_DELAY_CHILD").is_some() {
+            // SAFETY: reads an option by its index.
+            assert_eq!(unsafe { mi::mi_option_get(MI_OPTION_PURGE_DELAY) }, 1234);
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["allocator::tests::option_15_is_the_purge_delay", "--exact"])
+            .env("BASCULE_PURGE_DELAY_CHILD", "1")
+            .env("MIMALLOC_PURGE_DELAY", "1234")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("1 passed"), "the child ran no test: {said}");
+    }
+}

@@ -1,4 +1,6 @@
 //! The `bascule` command: run the balancer, or check a configuration file.
+// The allocator's calls into mimalloc are the binary's only unsafe code.
+#![deny(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -8,6 +10,7 @@ use bascule::{config, Server};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+#[allow(unsafe_code)]
 mod allocator;
 
 #[global_allocator]
