@@ -168,23 +168,26 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     }
 }
 
-/// HTTP/1 requests, as `http1::serve` reads them.
-impl tower::Service<Request<RequestBody>> for Entry {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = EntryFuture;
+/// A request body as a client connection reads it: HTTP/1's (`http1::serve`)
+/// or an HTTP/2 stream's (hyper).
+pub trait ClientBodyKind {
+    fn into_client_body(self) -> ClientBody;
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<RequestBody>) -> EntryFuture {
-        self.clone().serve(req.map(ClientBody::Left))
+impl ClientBodyKind for RequestBody {
+    fn into_client_body(self) -> ClientBody {
+        ClientBody::Left(self)
     }
 }
 
-/// HTTP/2 streams, as hyper reads them.
-impl tower::Service<Request<Incoming>> for Entry {
+impl ClientBodyKind for Incoming {
+    fn into_client_body(self) -> ClientBody {
+        ClientBody::Right(self)
+    }
+}
+
+/// HTTP/1 requests as `http1::serve` reads them, and HTTP/2 streams as hyper does.
+impl<B: ClientBodyKind> tower::Service<Request<B>> for Entry {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = EntryFuture;
@@ -193,7 +196,7 @@ impl tower::Service<Request<Incoming>> for Entry {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> EntryFuture {
-        self.clone().serve(req.map(ClientBody::Right))
+    fn call(&mut self, req: Request<B>) -> EntryFuture {
+        self.clone().serve(req.map(B::into_client_body))
     }
 }

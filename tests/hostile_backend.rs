@@ -1,6 +1,7 @@
 //! A backend that breaks HTTP/1.1 can never make one exchange's bytes the
 //! next exchange's answer: whatever it sends, the pooled connection it sent it
-//! on is not given to another request unless its response ended cleanly.
+//! on is not given to another request unless its response ended cleanly where
+//! bascule's framing said it ends.
 
 mod common;
 
@@ -53,34 +54,41 @@ fn no_hostile_response_reaches_the_next_exchange() {
         h.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
         h
     };
-    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+    // (what, the backend's first answer, status, body start, whether the
+    // connection is in step after it and may serve the next request).
+    let cases: Vec<(&str, Vec<u8>, u16, &str, bool)> = vec![
         (
             "bytes past Content-Length",
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nLEAKED".to_vec(),
             200,
             "ok",
+            false,
         ),
         (
             "Content-Length beside chunked",
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
             200,
             "hello",
+            // Read by its chunks (RFC 9112 §6.3): the chunks end where the response does.
+            true,
         ),
         (
             "a garbage status line",
             b"HTTPX/9 ok\r\n\r\nLEAKED".to_vec(),
             502,
             "502 Bad Gateway",
+            false,
         ),
-        ("a 1 MiB head", big_head, 502, "502 Bad Gateway"),
+        ("a 1 MiB head", big_head, 502, "502 Bad Gateway", false),
         (
             "a body shorter than its Content-Length, then a close",
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nconnection: close\r\n\r\nshort".to_vec(),
             200,
             "",
+            false,
         ),
     ];
-    for (what, first, status, body) in cases {
+    for (what, first, status, body, in_step) in cases {
         let addr = backend(first);
         let yaml = format!(
             "listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\nupstreams:\n  app:\n    backends: [{addr}]\n    retries: 0\nworkers: 1\n"
@@ -92,10 +100,11 @@ fn no_hostile_response_reaches_the_next_exchange() {
                 b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             );
             let text = String::from_utf8_lossy(&raw);
-            assert!(
-                !text.contains("LEAKED") && !text.contains("reused"),
-                "{what}, round {round}: {text}"
-            );
+            assert!(!text.contains("LEAKED"), "{what}, round {round}: {text}");
+            if text.contains("reused") {
+                assert!(in_step && round > 0, "{what}, round {round}: {text}");
+                continue;
+            }
             if body.is_empty() {
                 // Cut short: the client sees the response break off, never more.
                 continue;

@@ -23,19 +23,8 @@ const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Decodes `text`; relative file paths in it are taken from `base`.
 pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-    let root = yaml::parse(text).map_err(|e| {
-        vec![Problem {
-            pos: Some(e.pos),
-            path: String::new(),
-            message: format!("YAML syntax: {}", e.message),
-        }]
-    })?;
-    let mut d = Decoder {
-        problems: Vec::new(),
-        base,
-        admin_bind: None,
-        keys: None,
-    };
+    let root = syntax(text).map_err(|p| vec![p])?;
+    let mut d = Decoder::new(base, None);
     let config = d.config(&root);
     match config {
         Some(c) if d.problems.is_empty() => Ok(c),
@@ -45,6 +34,15 @@ pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             Err(d.problems)
         }
     }
+}
+
+/// The YAML tree of `text`, or its syntax error.
+fn syntax(text: &str) -> Result<Node, Problem> {
+    yaml::parse(text).map_err(|e| Problem {
+        pos: Some(e.pos),
+        path: String::new(),
+        message: format!("YAML syntax: {}", e.message),
+    })
 }
 
 struct Decoder<'b> {
@@ -67,17 +65,8 @@ pub struct Keys {
 /// The keys `text` gives and those the decoder knows in each of its maps, whatever the
 /// problems: for checking that an example shows every key.
 pub fn keys(text: &str, base: &Path) -> Result<Keys, Problem> {
-    let root = yaml::parse(text).map_err(|e| Problem {
-        pos: Some(e.pos),
-        path: String::new(),
-        message: format!("YAML syntax: {}", e.message),
-    })?;
-    let mut d = Decoder {
-        problems: Vec::new(),
-        base,
-        admin_bind: None,
-        keys: Some(Keys::default()),
-    };
+    let root = syntax(text)?;
+    let mut d = Decoder::new(base, Some(Keys::default()));
     d.config(&root);
     Ok(d.keys.unwrap_or_default())
 }
@@ -110,7 +99,16 @@ impl<'n> Fields<'n> {
     }
 }
 
-impl Decoder<'_> {
+impl<'b> Decoder<'b> {
+    fn new(base: &'b Path, keys: Option<Keys>) -> Self {
+        Decoder {
+            problems: Vec::new(),
+            base,
+            admin_bind: None,
+            keys,
+        }
+    }
+
     fn problem(&mut self, pos: Option<Pos>, path: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             pos,

@@ -218,13 +218,7 @@ impl Conn {
             *resp.status_mut() = parsed.status;
             *resp.version_mut() = parsed.version;
             *resp.headers_mut() = parsed.headers;
-            // A response framed two ways (chunked beside a Content-Length) is read by
-            // its chunks, as RFC 9112 §6.3 says, but may be a response-splitting
-            // attempt: its connection serves nothing more.
-            let framed_twice =
-                parsed.body.chunked.is_some() && parsed.body.content_length.is_some();
             let keep_alive = upload_done
-                && !framed_twice
                 && !matches!(framing, Framing::UntilClose | Framing::Upgrade)
                 && keeps_alive(parsed.version, parsed.connection);
             let mut body = Body {
