@@ -526,8 +526,16 @@ impl Worker {
         // The entry's futures are boxed: HTTP/2 spawns every stream's future as a
         // task, moving it several times on the way; a box moves as a pointer.
         let service = TowerToHyperService::new(self.entry(&at, tls, io.activity().clone()));
+        // The limits that hold off HTTP/2's known floods, set here rather than left to
+        // the defaults of two crates: streams at once per connection; streams a client
+        // resets before they are served (rapid reset, CVE-2023-44487) and streams the
+        // server had to reset for the client's errors, past which the connection gets
+        // GOAWAY; and the header list (HPACK bombs, CONTINUATION floods, CVE-2024-27316).
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
             .max_header_list_size(limits.http1.head as u32)
             .serve_connection(TokioIo::new(io), service);
         Box::pin(until_stopped(Box::pin(conn), at, |conn| {
@@ -572,6 +580,14 @@ async fn until_stopped<C>(
 }
 
 type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Streams open at once on one client HTTP/2 connection (hyper's default, and NGINX's 128 is
+/// the same order): beyond it a client waits for its streams to end.
+const H2_MAX_STREAMS: u32 = 200;
+/// Streams a client may reset before bascule has taken them up, in a row (h2's default).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams bascule may reset for a client's protocol errors on one connection (hyper's default).
+const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// An accepted connection: who, on which listener, and what ends it.
 struct Accepted {
