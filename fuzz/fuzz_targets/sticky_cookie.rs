@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     // The whole header, as the request path reads it.
     if let Ok(value) = http::HeaderValue::from_bytes(data) {
         let req = http::Request::get("/").header("cookie", value).body(()).unwrap();
-        if let Some(v) = bascule::proxy::hash_key::cookie(&req, "aff") {
+        if let Some(v) = bascule::hash_key::cookie(&req, "aff") {
             let _ = open(&secrets, "app", v, Duration::from_secs(3600), 1_800_000_000);
         }
     }

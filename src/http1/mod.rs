@@ -303,6 +303,43 @@ impl Chunked {
 /// at most `MAX_HEADERS` fields.
 pub const MAX_TRAILER_BYTES: u32 = 16 * 1024;
 
+/// The chunked decoder's promise, for the fuzz target (`fuzz/`) and the
+/// property tests: whatever the bytes, and however the reads split them
+/// (`step` bytes at a time), the decoder ends in the same place: the same data
+/// and trailers, or an error; never more data than it was given.
+#[doc(hidden)]
+pub fn check_chunked(bytes: &[u8], step: usize) -> Result<(), String> {
+    let decode = |step: usize| -> Result<(Vec<u8>, usize), ()> {
+        let mut decoder = Chunked::default();
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers, mut fed) = (Vec::new(), 0, 0);
+        loop {
+            match decoder.decode(&mut buf).map_err(|_| ())? {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::Trailers(t) => trailers = t.len(),
+                Decoded::End => return Ok((data, trailers)),
+                Decoded::More if fed == bytes.len() => return Err(()),
+                Decoded::More => {
+                    let end = (fed + step.max(1)).min(bytes.len());
+                    buf.extend_from_slice(&bytes[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    };
+    let whole = decode(bytes.len());
+    let split = decode(step);
+    if whole != split {
+        return Err(format!(
+            "read whole: {whole:?}, {step} at a time: {split:?}"
+        ));
+    }
+    match whole {
+        Ok((data, _)) if data.len() > bytes.len() => Err("more data out than in".into()),
+        _ => Ok(()),
+    }
+}
+
 /// Room made in a read buffer before each read.
 pub const READ_CHUNK: usize = 8 * 1024;
 /// The most read at once for a large body.
@@ -394,8 +431,10 @@ fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
 }
 
 /// One line (without its CRLF, or a bare LF) from the front of `buf`.
+/// A line is at most `MAX_LINE` bytes, however the reads that brought it split it.
 fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
     match buf.iter().position(|&b| b == b'\n') {
+        Some(i) if i > MAX_LINE => Err(bad_chunk()),
         Some(i) => {
             let mut line = buf.split_to(i + 1);
             line.truncate(i);
@@ -404,10 +443,13 @@ fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
             }
             Ok(Some(line))
         }
-        None if buf.len() > 4096 => Err(bad_chunk()),
+        None if buf.len() > MAX_LINE => Err(bad_chunk()),
         None => Ok(None),
     }
 }
+
+/// The longest chunk-size line (with its extensions) or trailer line.
+const MAX_LINE: usize = 4096;
 
 fn bad_chunk() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body")
@@ -700,6 +742,38 @@ mod tests {
             .collect();
         let (_, trailers, _) = decode_all(&body(&fine), 4096).unwrap();
         assert_eq!(trailers.len(), 50);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_alike_however_the_reads_split(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            step in 1usize..17,
+        ) {
+            check_chunked(&bytes, step).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+
+        #[test]
+        fn plausible_chunked_bodies_decode_alike(
+            sizes in proptest::collection::vec(0usize..40, 0..6),
+            ext in proptest::sample::select(vec!["", ";a=b", ";x", " ", "x"]),
+            trailer in proptest::sample::select(vec!["", "x-a: 1\r\n", "bad\r\n"]),
+            step in 1usize..9,
+        ) {
+            let mut body = String::new();
+            for n in sizes {
+                body += &format!("{n:x}{ext}\r\n{}\r\n", "d".repeat(n));
+            }
+            body += &format!("0\r\n{trailer}\r\n");
+            check_chunked(body.as_bytes(), step).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn a_long_size_line_is_refused_however_it_arrives() {
+        let line = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(5000));
+        assert!(decode_all(line.as_bytes(), line.len()).is_err());
+        assert!(decode_all(line.as_bytes(), 100).is_err());
     }
 
     /// A body that hands out its frames, all ready.

@@ -664,6 +664,46 @@ fn parse_request(buf: &mut BytesMut, added_fields: usize) -> Result<Option<Head>
     }))
 }
 
+/// The request-head parser's promise, for the fuzz target (`fuzz/`) and the
+/// property tests: any input comes to a request taken from the front of the
+/// buffer (framed by what its every Content-Length says, when it has one), a
+/// wait for more with the buffer untouched, or a refusal with an error status.
+/// `Err` names the promise broken.
+#[doc(hidden)]
+pub fn check_request_head(bytes: &[u8]) -> Result<(), String> {
+    let mut buf = BytesMut::from(bytes);
+    match parse_request(&mut buf, 0) {
+        Ok(Some(head)) => {
+            if buf.len() >= bytes.len() {
+                return Err("a head consumed nothing".into());
+            }
+            if !bytes.ends_with(&buf) {
+                return Err("what is left is not the rest".into());
+            }
+            if let Some(BodyFraming::Length(n)) = head.body {
+                let mut said = head.req.headers().get_all(CONTENT_LENGTH).iter();
+                let agrees = said.all(|v| {
+                    let parts = v.to_str().unwrap_or("").split(',');
+                    parts.map(str::trim).all(|p| p.parse::<u64>() == Ok(n))
+                });
+                if !agrees {
+                    return Err(format!("framed by {n} against {:?}", head.req.headers()));
+                }
+            }
+            Ok(())
+        }
+        Ok(None) if buf[..] == *bytes => Ok(()),
+        Ok(None) => Err("a wait for more changed the buffer".into()),
+        Err(HeadError::Refused(status, _))
+            if status.is_client_error() || status.is_server_error() =>
+        {
+            Ok(())
+        }
+        Err(HeadError::Refused(status, _)) => Err(format!("refused with {status}")),
+        Err(HeadError::Io(e)) => Err(format!("not a refusal: {e}")),
+    }
+}
+
 /// A Host value as RFC 9110 §7.2 has it: a host (a name, an IPv4 address or a
 /// bracketed IPv6 one) and a port or not, in the characters RFC 3986 allows
 /// there; no user information, path, query or spaces. Checked by byte, with no
@@ -1098,31 +1138,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// What any input must come to: a request taken from the front of the
-    /// buffer, a wait for more with the buffer untouched, or a refusal.
     fn parses_or_refuses(bytes: &[u8]) -> Result<(), TestCaseError> {
-        let mut buf = BytesMut::from(bytes);
-        match parse_request(&mut buf, 0) {
-            Ok(Some(head)) => {
-                prop_assert!(buf.len() < bytes.len(), "a head consumed nothing");
-                prop_assert!(bytes.ends_with(&buf), "what is left is not the rest");
-                // A body framed by length is framed by what every Content-Length says.
-                if let Some(BodyFraming::Length(n)) = head.body {
-                    let mut said = head.req.headers().get_all(CONTENT_LENGTH).iter();
-                    let agrees = said.all(|v| {
-                        let parts = v.to_str().unwrap_or("").split(',');
-                        parts.map(str::trim).all(|p| p.parse::<u64>() == Ok(n))
-                    });
-                    prop_assert!(agrees, "framed by {} against {:?}", n, head.req.headers());
-                }
-            }
-            Ok(None) => prop_assert_eq!(&buf[..], bytes),
-            Err(HeadError::Refused(status, _)) => {
-                prop_assert!(status.is_client_error() || status.is_server_error())
-            }
-            Err(HeadError::Io(e)) => prop_assert!(false, "not a refusal: {e}"),
-        }
-        Ok(())
+        check_request_head(bytes).map_err(TestCaseError::fail)
     }
 
     /// A request head from plausible pieces, some of them broken.

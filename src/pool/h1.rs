@@ -342,6 +342,29 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     }))
 }
 
+/// The response-head parser's promise, for the fuzz target (`fuzz/`) and the
+/// property tests: any input comes to a head taken from the front of the
+/// buffer with a framing for its body (or an error), a wait for more with the
+/// buffer untouched, or an error; never a panic.
+#[doc(hidden)]
+pub fn check_response_head(bytes: &[u8]) -> Result<(), String> {
+    let mut buf = BytesMut::from(bytes);
+    match parse_head(&mut buf) {
+        Ok(Some(head)) => {
+            if buf.len() >= bytes.len() || !bytes.ends_with(&buf) {
+                return Err("the head is not a prefix of the input".into());
+            }
+            for head_only in [false, true] {
+                let _ = framing(head_only, head.status, &head.body);
+            }
+            Ok(())
+        }
+        Ok(None) if buf[..] == *bytes => Ok(()),
+        Ok(None) => Err("a wait for more changed the buffer".into()),
+        Err(_) => Ok(()),
+    }
+}
+
 /// How the response body ends (RFC 9112 §6.3).
 fn framing(head_only: bool, status: StatusCode, body: &BodyFields) -> io::Result<Framing> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -453,6 +476,35 @@ impl<R: Reuse> http_body::Body for Body<R> {
 mod tests {
     use super::*;
     use http::header::CONNECTION;
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_make_a_head_a_wait_or_an_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            check_response_head(&bytes).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+
+        #[test]
+        fn plausible_heads_make_a_head_a_wait_or_an_error(
+            status in proptest::sample::select(vec!["200 OK", "101 x", "204 x", "304 x", "999 x", "20 x", ""]),
+            fields in proptest::collection::vec(proptest::sample::select(vec![
+                "content-length: 5", "content-length: 5, 6", "transfer-encoding: chunked",
+                "transfer-encoding: gzip", "connection: close", "x a: b", "x-a: \u{1}",
+            ]), 0..5),
+            cut in 0usize..200,
+        ) {
+            let mut text = format!("HTTP/1.1 {status}\r\n");
+            for f in fields {
+                text += f;
+                text += "\r\n";
+            }
+            text += "\r\nbody";
+            let bytes = text.as_bytes();
+            check_response_head(bytes).map_err(proptest::test_runner::TestCaseError::fail)?;
+            check_response_head(&bytes[..cut.min(bytes.len())]).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+    }
 
     #[test]
     fn response_heads_parse_across_reads_and_skip_nothing() {
