@@ -81,6 +81,14 @@ fn no_hostile_response_reaches_the_next_exchange() {
         ),
         ("a 1 MiB head", big_head, 502, "502 Bad Gateway", false),
         (
+            // Passed on without its coding, the gzip bytes would reach the client as content.
+            "gzip, chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n6\r\nLEAKED\r\n0\r\n\r\n".to_vec(),
+            502,
+            "502 Bad Gateway",
+            false,
+        ),
+        (
             "a body shorter than its Content-Length, then a close",
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nconnection: close\r\n\r\nshort".to_vec(),
             200,

@@ -373,11 +373,18 @@ fn framing(head_only: bool, status: StatusCode, body: &BodyFields) -> io::Result
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Done);
     }
-    // Only a final `chunked` frames the body; any other coding runs to the close.
-    match body.chunked {
-        Some(true) => return Ok(Framing::Chunked(Chunked::default())),
-        Some(false) => return Ok(Framing::UntilClose),
-        None => {}
+    // A coding other than `chunked` would have to be passed on as a transfer
+    // coding, which HTTP/2 clients cannot take, or undone, which bascule does not
+    // do: dropping it would hand the client encoded bytes as the content. NGINX
+    // refuses these too.
+    if body.other_codings {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a transfer coding other than chunked from the backend",
+        ));
+    }
+    if body.chunked == Some(true) {
+        return Ok(Framing::Chunked(Chunked::default()));
     }
     if body.bad_length {
         return Err(io::Error::new(
@@ -566,18 +573,17 @@ mod tests {
             ("transfer-encoding", "gzip, chunked"),
             ("content-length", "10"),
         ]);
+        assert!(framing(false, ok, &both).is_err());
+        let chunked = fields(&[("transfer-encoding", "chunked"), ("content-length", "10")]);
         assert!(matches!(
-            framing(false, ok, &both).unwrap(),
+            framing(false, ok, &chunked).unwrap(),
             Framing::Chunked(_)
         ));
         // Transfer-Encoding is hop-by-hop, and beside it Content-Length is dropped too.
         let both = head(&[("Content-Length", "10"), ("Transfer-Encoding", "chunked")]).headers;
         assert!(both.is_empty(), "{both:?}");
         let gzip = fields(&[("transfer-encoding", "gzip")]);
-        assert!(matches!(
-            framing(false, ok, &gzip).unwrap(),
-            Framing::UntilClose
-        ));
+        assert!(framing(false, ok, &gzip).is_err());
         assert!(matches!(
             framing(false, ok, &fields(&[])).unwrap(),
             Framing::UntilClose
