@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache;
 use crate::metrics as m;
 use crate::state::{Snapshot, State};
 
@@ -41,9 +42,18 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&state, &req)) }
+                async move {
+                    let resp = match req.uri().path().strip_prefix("/caches/") {
+                        Some(rest) => {
+                            let rest = rest.to_string();
+                            purge(&state, &rest, req).await
+                        }
+                        None => respond(&state, &req),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -101,6 +111,59 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The largest purge request read.
+const PURGE_BODY_LIMIT: usize = 1 << 20;
+
+/// `POST /caches/{cache}/purge` with `{"urls": [...]}`, `{"tags": [...]}` or
+/// `{"all": true}`: drops those entries from this process's memory tier, and
+/// answers `{"dropped": N}`.
+async fn purge(state: &State, rest: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(name) = rest.strip_suffix("/purge").filter(|n| !n.contains('/')) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: POST /caches/NAME/purge\n".into(),
+        );
+    };
+    if req.method() != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed: use POST\n".into(),
+        );
+    }
+    let snapshot = state.load_full();
+    let Some(cache) = snapshot.cache(name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("404 Not Found: no cache named {name}\n"),
+        );
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), PURGE_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "413 Payload Too Large: a purge request is at most 1 MiB\n".into(),
+            )
+        }
+    };
+    let purge = match cache::Purge::from_json(&body) {
+        Ok(p) => p,
+        Err(why) => return text(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n")),
+    };
+    let dropped = cache.purge(purge, cache::Source::Admin);
+    json_reply(json!({ "dropped": dropped }))
+}
+
+fn json_reply(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -200,7 +263,23 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
         .iter()
         .map(|l| json!({ "name": l.config.name, "bind": l.config.bind.to_string() }))
         .collect();
-    json!({ "upstreams": upstreams, "listeners": listeners })
+    let caches: serde_json::Map<String, serde_json::Value> = snapshot
+        .caches
+        .iter()
+        .map(|c| {
+            let (hit_ratio, last_minute) = c.stats.hit_ratios();
+            (
+                c.config.name.clone(),
+                json!({
+                    "entries": c.store.entries(),
+                    "bytes": c.store.bytes(),
+                    "hit_ratio": hit_ratio,
+                    "hit_ratio_last_minute": last_minute,
+                }),
+            )
+        })
+        .collect();
+    json!({ "upstreams": upstreams, "listeners": listeners, "caches": caches })
 }
 
 /// Sets the gauges that mirror backend state, then renders every metric.
@@ -215,6 +294,11 @@ fn metrics(snapshot: &Snapshot) -> String {
                 .set(f64::from(u8::from(b.state.is_healthy())));
             metrics::gauge!(m::BACKEND_ACTIVE, &labels).set(b.state.active_requests() as f64);
         }
+    }
+    for c in &snapshot.caches {
+        let labels = [("cache", c.config.name.clone())];
+        metrics::gauge!(m::CACHE_BYTES, &labels).set(c.store.bytes() as f64);
+        metrics::gauge!(m::CACHE_ENTRIES, &labels).set(c.store.entries() as f64);
     }
     m::handle().render()
 }

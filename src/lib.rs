@@ -17,6 +17,8 @@ pub mod backend_tls;
 #[forbid(unsafe_code)]
 pub mod balance;
 #[forbid(unsafe_code)]
+pub mod cache;
+#[forbid(unsafe_code)]
 pub mod client_io;
 #[forbid(unsafe_code)]
 pub mod config;

@@ -19,6 +19,10 @@ pub const CONNECTIONS_OPENED: &str = "bascule_backend_connections_opened_total";
 pub const HEALTH_TRANSITIONS: &str = "bascule_health_transitions_total";
 pub const RETRIES: &str = "bascule_retries_total";
 pub const STICKY_REJECTED: &str = "bascule_sticky_rejected_total";
+pub const CACHE_REQUESTS: &str = "bascule_cache_requests_total";
+pub const CACHE_INVALIDATIONS: &str = "bascule_cache_invalidations_total";
+pub const CACHE_BYTES: &str = "bascule_cache_bytes";
+pub const CACHE_ENTRIES: &str = "bascule_cache_entries";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";

@@ -79,6 +79,7 @@ mod tests {
         upstream: &str,
     ) -> RouteConfig {
         RouteConfig {
+            cache: None,
             host: host.map(|h| match h.strip_prefix('*') {
                 Some(s) => HostMatch::Suffix(s.to_string()),
                 None => HostMatch::Exact(h.to_string()),

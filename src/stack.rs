@@ -100,10 +100,9 @@ impl Layers {
         self
     }
 
-    /// The stack for the route at `site`, its upstream's proxy innermost.
-    pub fn build(&self, site: &RouteSite<'_>, proxy: Proxy) -> Stack {
-        self.0
-            .iter()
-            .fold(Stack::Proxy(proxy), |stack, add| add(site, stack))
+    /// The stack for the route at `site`: `config`'s (its upstream's proxy,
+    /// inside the layers the config asks for), inside these.
+    pub fn build(&self, site: &RouteSite<'_>, config: Stack) -> Stack {
+        self.0.iter().fold(config, |stack, add| add(site, stack))
     }
 }

@@ -14,6 +14,8 @@ use arc_swap::{ArcSwap, Guard};
 
 use crate::backend::{Backend, BackendState};
 use crate::backend_tls::Connector;
+use crate::cache::layer::CacheLayer;
+use crate::cache::Cache;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
 use crate::metrics as m;
 use crate::pool::{Pool, PoolSettings};
@@ -50,6 +52,7 @@ impl std::fmt::Debug for ListenerRoutes {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub upstreams: Vec<Arc<Upstream>>,
+    pub caches: Vec<Arc<Cache>>,
     pub listeners: Vec<ListenerRoutes>,
     /// The layers a program added to routes, carried to every snapshot built from this one.
     pub layers: Layers,
@@ -84,6 +87,17 @@ impl Snapshot {
                 ))
             })
             .collect();
+        // A cache whose settings stay keeps what it stores.
+        let caches: Vec<Arc<Cache>> = config
+            .caches
+            .iter()
+            .map(|c| {
+                previous
+                    .and_then(|p| p.caches.iter().find(|old| old.config == *c))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Cache::new(c.clone())))
+            })
+            .collect();
         let index = |name: &str| {
             upstreams
                 .iter()
@@ -107,9 +121,17 @@ impl Snapshot {
                             index: i,
                             route,
                         };
+                        let mut stack = Stack::Proxy(Proxy::new(upstream.clone()));
+                        if let Some(name) = &route.cache {
+                            let cache = caches
+                                .iter()
+                                .find(|c| &c.config.name == name)
+                                .expect("validation checked route caches");
+                            stack = stack.layer(CacheLayer::new(cache.clone(), upstream.clone()));
+                        }
                         Route {
                             upstream: upstream.clone(),
-                            stack: layers.build(&site, Proxy::new(upstream.clone())),
+                            stack: layers.build(&site, stack),
                         }
                     })
                     .collect(),
@@ -127,10 +149,15 @@ impl Snapshot {
         Snapshot {
             config,
             upstreams,
+            caches,
             listeners,
             layers,
             workers,
         }
+    }
+
+    pub fn cache(&self, name: &str) -> Option<&Arc<Cache>> {
+        self.caches.iter().find(|c| c.config.name == name)
     }
 
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {

@@ -52,6 +52,8 @@ struct Decoder<'b> {
     admin_bind: Option<Pos>,
     /// When asked for (`keys`): every key known and given.
     keys: Option<Keys>,
+    /// The names under `caches`, for the routes that name one (`None`: `caches` is not a map).
+    cache_names: Option<Vec<String>>,
 }
 
 /// The keys of a config text as the decoder saw them, as dotted paths (`upstreams.app.retries`,
@@ -69,6 +71,22 @@ pub fn keys(text: &str, base: &Path) -> Result<Keys, Problem> {
     let mut d = Decoder::new(base, Some(Keys::default()));
     d.config(&root);
     Ok(d.keys.unwrap_or_default())
+}
+
+/// The scalar keys of a map node (`None` if it is not a map).
+fn map_keys(node: &Node) -> Option<Vec<String>> {
+    match &node.value {
+        Value::Map(entries) => Some(
+            entries
+                .iter()
+                .filter_map(|(k, _)| match &k.value {
+                    Value::Scalar(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 /// The entries of one YAML map, with a record of which keys the decoder asked for.
@@ -106,6 +124,7 @@ impl<'b> Decoder<'b> {
             base,
             admin_bind: None,
             keys,
+            cache_names: Some(Vec::new()),
         }
     }
 
@@ -300,21 +319,15 @@ impl<'b> Decoder<'b> {
         let mut f = self.fields(root, "")?;
         let upstreams_node = self.required(&mut f, "upstreams", root.pos);
         // Routes are checked against the names even when an upstream has other problems.
-        let names: Option<Vec<String>> = upstreams_node.as_ref().and_then(|(node, _)| match &node
-            .value
-        {
-            Value::Map(entries) => Some(
-                entries
-                    .iter()
-                    .filter_map(|(k, _)| match &k.value {
-                        Value::Scalar(name) => Some(name.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        });
+        let names = upstreams_node.as_ref().and_then(|(node, _)| map_keys(node));
         let upstreams = upstreams_node.and_then(|(node, path)| self.upstreams(node, &path));
+        let caches = match f.get("caches") {
+            Some((node, path)) => {
+                self.cache_names = map_keys(node);
+                self.caches(node, &path)
+            }
+            None => Some(Vec::new()),
+        };
         let listeners = match self.required(&mut f, "listeners", root.pos) {
             Some((node, path)) => self.listeners(node, &path, names.as_ref()),
             None => None,
@@ -353,8 +366,105 @@ impl<'b> Decoder<'b> {
             shutdown_timeout: shutdown_timeout?,
             access_log: access_log?,
             workers: workers?,
+            caches: caches?,
         };
         Some(config)
+    }
+
+    fn caches(&mut self, node: &Node, path: &str) -> Option<Vec<Arc<CacheConfig>>> {
+        let mut f = self.fields(node, path)?;
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (name, _, value) in std::mem::take(&mut f.entries) {
+            match self.cache(name, value, &join(path, name)) {
+                Some(c) => out.push(Arc::new(c)),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn cache(&mut self, name: &str, node: &Node, path: &str) -> Option<CacheConfig> {
+        let mut f = self.fields(node, path)?;
+        let memory = self
+            .required(&mut f, "memory", node.pos)
+            .and_then(|(n, p)| self.size(n, &p, 1 << 20));
+        let mut max_object_pos = node.pos;
+        let max_object = self.optional(&mut f, "max_object", 8 << 20, |d, n, p| {
+            max_object_pos = n.pos;
+            d.size(n, p, 1)
+        });
+        let default_ttl = self.optional(&mut f, "default_ttl", Duration::ZERO, Self::duration);
+        let swr = self.optional(
+            &mut f,
+            "stale_while_revalidate",
+            Duration::ZERO,
+            Self::duration,
+        );
+        let sie = self.optional(&mut f, "stale_if_error", Duration::ZERO, Self::duration);
+        let redis = self.optional(&mut f, "redis", None, |d, n, p| {
+            d.cache_redis(n, p).map(Some)
+        });
+        self.finish(f);
+        let (memory, max_object) = (memory?, max_object?);
+        if max_object > memory {
+            let pos = Some(max_object_pos);
+            self.problem(pos, &join(path, "max_object"), "larger than `memory`");
+            return None;
+        }
+        Some(CacheConfig {
+            name: name.to_string(),
+            memory,
+            max_object,
+            default_ttl: default_ttl?,
+            stale_while_revalidate: swr?,
+            stale_if_error: sie?,
+            redis: redis?,
+        })
+    }
+
+    fn cache_redis(&mut self, node: &Node, path: &str) -> Option<CacheRedisConfig> {
+        let mut f = self.fields(node, path)?;
+        let url = self.required(&mut f, "url", node.pos).and_then(|(n, p)| {
+            self.parsed(n, &p, "a Redis URL", |s| {
+                if s.starts_with("redis://") || s.starts_with("unix://") {
+                    Ok(s.to_string())
+                } else {
+                    Err(" (expected redis://HOST:PORT/DB or unix:///PATH)".into())
+                }
+            })
+        });
+        let timeout = self.optional(&mut f, "timeout", Duration::from_millis(50), Self::positive);
+        self.finish(f);
+        Some(CacheRedisConfig {
+            url: url?,
+            timeout: timeout?,
+        })
+    }
+
+    /// A size in bytes: a whole number with `KiB`, `MiB` or `GiB`, or plain bytes; at least `min`.
+    fn size(&mut self, node: &Node, path: &str, min: u64) -> Option<u64> {
+        self.parsed(node, path, "a size", |s| {
+            let (digits, unit) =
+                s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+            let scale: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                _ => return Err(" (a whole number with KiB, MiB or GiB: 256MiB)".into()),
+            };
+            let n = digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(scale))
+                .filter(|n| *n < 1 << 50)
+                .ok_or_else(|| " (a whole number with KiB, MiB or GiB: 256MiB)".to_string())?;
+            if n < min {
+                return Err(format!(" of at least {min} bytes"));
+            }
+            Ok(n)
+        })
     }
 
     /// A file is opened for appending here, as `nginx -t` opens its logs: a
@@ -1086,6 +1196,25 @@ impl<'b> Decoder<'b> {
                     _ => Some(name),
                 }
             });
+        let cache = self.optional(&mut f, "cache", None, |d, n, p| {
+            let name = d.string(n, p)?;
+            match d.cache_names.clone() {
+                Some(known) if !known.contains(&name) => {
+                    let known = if known.is_empty() {
+                        "none: add it under `caches`".to_string()
+                    } else {
+                        known.join(", ")
+                    };
+                    d.problem(
+                        Some(n.pos),
+                        p,
+                        format!("no cache named `{name}` (known: {known})"),
+                    );
+                    None
+                }
+                _ => Some(Some(name)),
+            }
+        });
         let mut host = Some(None);
         let mut path_prefix = Some(None);
         let mut methods = Some(Vec::new());
@@ -1111,6 +1240,7 @@ impl<'b> Decoder<'b> {
             path_prefix: path_prefix?,
             methods: methods?,
             upstream: upstream?,
+            cache: cache?,
         })
     }
 
@@ -1240,6 +1370,35 @@ mod tests {
         assert_eq!(
             with("[]"),
             vec!["5:18: listeners[0].tls.protocols: at least one protocol is needed"]
+        );
+    }
+
+    #[test]
+    fn caches_and_the_routes_that_use_them() {
+        let text = "caches:\n  pages:\n    memory: 64MiB\n    default_ttl: 30s\n    redis: { url: redis://127.0.0.1:6379/0 }\nlisteners:\n  - bind: 127.0.0.1:8080\n    routes:\n      - upstream: app\n        cache: pages\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+        let c = decode(text, Path::new(".")).unwrap();
+        let pages = c.cache("pages").unwrap();
+        assert_eq!(pages.memory, 64 << 20);
+        assert_eq!(pages.max_object, 8 << 20);
+        assert_eq!(pages.default_ttl, Duration::from_secs(30));
+        let redis = pages.redis.as_ref().unwrap();
+        assert_eq!(redis.timeout, Duration::from_millis(50));
+        assert_eq!(c.listeners[0].routes[0].cache.as_deref(), Some("pages"));
+
+        let text = "caches:\n  pages:\n    memory: 64 MB\n  small:\n    memory: 1MiB\n    max_object: 2MiB\n  r:\n    memory: 1GiB\n    redis: { url: http://x }\nlisteners:\n  - bind: 127.0.0.1:8080\n    routes:\n      - upstream: app\n        cache: page\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "3:13: caches.pages.memory: `64 MB` is not a size (a whole number with KiB, MiB or GiB: 256MiB)",
+                "6:17: caches.small.max_object: larger than `memory`",
+                "9:19: caches.r.redis.url: `http://x` is not a Redis URL (expected redis://HOST:PORT/DB or unix:///PATH)",
+                "14:16: listeners[0].routes[0].cache: no cache named `page` (known: pages, small, r)",
+            ]
+        );
+        let no_caches = MINIMAL.replace("upstream: app\n", "upstream: app\n        cache: pages\n");
+        assert_eq!(
+            problems(&no_caches),
+            vec!["5:16: listeners[0].routes[0].cache: no cache named `pages` (known: none: add it under `caches`)"]
         );
     }
 

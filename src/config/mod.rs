@@ -34,6 +34,8 @@ pub struct Config {
     /// Worker threads, each with its own event loop and listening sockets.
     /// Default: one per CPU the process may run on.
     pub workers: Option<usize>,
+    /// In file order; names are unique.
+    pub caches: Vec<Arc<CacheConfig>>,
 }
 
 impl Config {
@@ -45,6 +47,10 @@ impl Config {
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name).map(|u| &**u)
+    }
+
+    pub fn cache(&self, name: &str) -> Option<&Arc<CacheConfig>> {
+        self.caches.iter().find(|c| c.name == name)
     }
 }
 
@@ -86,6 +92,33 @@ pub struct RouteConfig {
     /// Empty: any method.
     pub methods: Vec<Method>,
     pub upstream: String,
+    /// The name of the cache its GET and HEAD requests are served from.
+    pub cache: Option<String>,
+}
+
+/// An edge cache (`caches.NAME`): a memory tier in the process, and a Redis
+/// tier shared by every instance when `redis` is given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheConfig {
+    pub name: String,
+    /// The memory tier's bound, in bytes: bodies, heads and keys counted.
+    pub memory: u64,
+    /// A larger response streams through, not stored. Default 8 MiB.
+    pub max_object: u64,
+    /// Freshness for a storable response that states none. Default 0 (not stored).
+    pub default_ttl: Duration,
+    /// For responses without their own `stale-while-revalidate`. Default 0.
+    pub stale_while_revalidate: Duration,
+    /// For responses without their own `stale-if-error`. Default 0.
+    pub stale_if_error: Duration,
+    pub redis: Option<CacheRedisConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheRedisConfig {
+    pub url: String,
+    /// A Redis call that takes longer counts as a miss. Default 50ms.
+    pub timeout: Duration,
 }
 
 /// A `host` condition, already lower-cased.

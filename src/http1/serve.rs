@@ -925,7 +925,8 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    fn empty() -> Self {
+    /// A request without a body.
+    pub fn empty() -> Self {
         RequestBody {
             pipe: None,
             size: None,

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Full};
 
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::backend::InFlight;
@@ -79,10 +80,11 @@ impl Drop for Exchange {
 }
 
 pin_project_lite::pin_project! {
-    /// A backend's body passed through, or a reply bascule made, with the exchange record.
+    /// A backend's body passed through, a reply bascule made, or a body a
+    /// layer made (the cache's), with the exchange record.
     pub struct ProxyBody {
         #[pin]
-        inner: http_body_util::Either<BackendBody, Full<Bytes>>,
+        inner: Either<BackendBody, Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>>,
         exchange: Option<Exchange>,
     }
 }
@@ -90,15 +92,34 @@ pin_project_lite::pin_project! {
 impl ProxyBody {
     pub fn backend(body: BackendBody, exchange: Exchange) -> Self {
         ProxyBody {
-            inner: http_body_util::Either::Left(body),
+            inner: Either::Left(body),
             exchange: Some(exchange),
         }
     }
 
     pub fn local(text: Bytes, exchange: Option<Exchange>) -> Self {
         ProxyBody {
-            inner: http_body_util::Either::Right(Full::new(text)),
+            inner: Either::Right(Either::Left(Full::new(text))),
             exchange,
+        }
+    }
+
+    /// The record of the exchange, from a reply that will not be sent (a
+    /// layer answering in its place).
+    pub fn into_exchange(mut self) -> Option<Exchange> {
+        self.exchange.take()
+    }
+
+    /// Any body, such as a layer's wrapping of another `ProxyBody` (which
+    /// keeps its own exchange record).
+    pub fn wrap<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        ProxyBody {
+            inner: Either::Right(Either::Right(body.map_err(Into::into).boxed_unsync())),
+            exchange: None,
         }
     }
 }

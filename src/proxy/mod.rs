@@ -173,8 +173,15 @@ pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody
             "{e}"
         );
     }
-    local_reply(e.status(), Bytes::from(e.body()), ex)
+    let mut resp = local_reply(e.status(), Bytes::from(e.body()), ex);
+    resp.extensions_mut().insert(Failed(e));
+    resp
 }
+
+/// Marks a reply as the proxy's own for a failure (no backend answered), for
+/// the layers above it: a cache serves stale content in its place.
+#[derive(Clone, Copy, Debug)]
+pub struct Failed(pub ProxyError);
 
 /// A plain-text reply bascule makes itself, accounted for with `ex`.
 pub fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Response<ProxyBody> {

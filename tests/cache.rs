@@ -1,0 +1,686 @@
+//! The edge cache's memory tier through the real server: what is stored and
+//! served, coalescing, purges, stale content, and the storability rules.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// What the origin answers to one request.
+#[derive(Clone, Default)]
+struct Answer {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+    /// Before the head.
+    delay: Duration,
+    /// The body sent in this many pieces, this far apart.
+    pieces: Option<(usize, Duration)>,
+}
+
+fn ok(headers: &[(&'static str, &str)], body: &str) -> Answer {
+    Answer {
+        status: 200,
+        headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        body: body.as_bytes().to_vec(),
+        ..Answer::default()
+    }
+}
+
+type Answers = Arc<dyn Fn(&http::request::Parts, usize) -> Answer + Send + Sync>;
+
+/// A backend whose answers a test writes, counting the requests to each
+/// target; while `down`, it closes every connection without an answer.
+struct Origin {
+    addr: SocketAddr,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    requests: Arc<Mutex<Vec<http::request::Parts>>>,
+    down: Arc<AtomicBool>,
+}
+
+impl Origin {
+    fn start(
+        answers: impl Fn(&http::request::Parts, usize) -> Answer + Send + Sync + 'static,
+    ) -> Origin {
+        let answers: Answers = Arc::new(answers);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(AtomicBool::new(false));
+        let (seen2, requests2, down2) = (seen.clone(), requests.clone(), down.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if down2.load(Ordering::SeqCst) {
+                        drop(stream);
+                        continue;
+                    }
+                    let (answers, seen, requests) =
+                        (answers.clone(), seen2.clone(), requests2.clone());
+                    let down = down2.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: http::Request<Incoming>| {
+                            let (answers, seen, requests) =
+                                (answers.clone(), seen.clone(), requests.clone());
+                            let down = down.clone();
+                            async move {
+                                if down.load(Ordering::SeqCst) {
+                                    // A pooled connection breaks off with no answer.
+                                    return Err("down");
+                                }
+                                let (parts, _) = req.into_parts();
+                                let target = parts.uri.path_and_query().unwrap().to_string();
+                                let n = {
+                                    let mut seen = seen.lock().unwrap();
+                                    let n = seen.entry(target).or_insert(0);
+                                    *n += 1;
+                                    *n
+                                };
+                                let a = answers(&parts, n);
+                                requests.lock().unwrap().push(parts);
+                                tokio::time::sleep(a.delay).await;
+                                Ok::<_, &str>(respond(a))
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        Origin {
+            addr,
+            seen,
+            requests,
+            down,
+        }
+    }
+
+    fn count(&self, target: &str) -> usize {
+        self.seen.lock().unwrap().get(target).copied().unwrap_or(0)
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn respond(a: Answer) -> http::Response<OriginBody> {
+    let mut resp = http::Response::builder().status(a.status);
+    for (k, v) in &a.headers {
+        resp = resp.header(*k, v);
+    }
+    let body = match a.pieces {
+        None => http_body_util::Full::new(Bytes::from(a.body)).boxed(),
+        Some((n, gap)) => {
+            let size = a.body.len().div_ceil(n);
+            let chunks: Vec<Bytes> = a.body.chunks(size).map(Bytes::copy_from_slice).collect();
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                for c in chunks {
+                    tokio::time::sleep(gap).await;
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Pieces(rx).boxed()
+        }
+    };
+    resp.body(body).unwrap()
+}
+
+/// A body sent in pieces as they come down a channel.
+struct Pieces(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Pieces {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+fn config(origin: &Origin, cache: &str) -> String {
+    format!(
+        "caches:\n  pages:\n{cache}listeners:\n  - bind: 127.0.0.1:0\n    routes:\n      - upstream: app\n        cache: pages\nupstreams:\n  app:\n    backends: [{}]\n    retries: 0\n    timeouts: {{ connect: 1s }}\nadmin:\n  bind: 127.0.0.1:0\nworkers: 2\n",
+        origin.addr
+    )
+}
+
+const MEMORY: &str = "    memory: 64MiB\n";
+
+fn cache_status(r: &Reply) -> &str {
+    r.headers
+        .get("cache-status")
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+fn purge(admin: SocketAddr, json: &str) -> Reply {
+    let len = json.len();
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "POST /caches/pages/purge HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{json}"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw)
+}
+
+#[test]
+fn a_miss_is_stored_and_the_next_request_hits_memory() {
+    let origin = Origin::start(|_, n| {
+        ok(
+            &[("cache-control", "max-age=60"), ("x-n", &n.to_string())],
+            "report",
+        )
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let first = get(lb.addr, "/report");
+    assert_eq!(first.status, 200);
+    assert_eq!(cache_status(&first), "bascule; fwd=miss; stored");
+    let second = get(lb.addr, "/report");
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, "report");
+    assert_eq!(cache_status(&second), "bascule; hit; detail=memory");
+    assert_eq!(second.headers["x-n"], "1");
+    assert!(second.headers.contains_key("age"));
+    // Another query is another key.
+    assert_eq!(
+        cache_status(&get(lb.addr, "/report?x=1")),
+        "bascule; fwd=miss; stored"
+    );
+    // HEAD is answered from the GET's entry, without a body.
+    let head = http1(lb.addr, "HEAD", "/report", &[]);
+    assert_eq!(cache_status(&head), "bascule; hit; detail=memory");
+    assert_eq!(head.headers["content-length"], "6");
+    assert_eq!(head.body, "");
+    assert_eq!(origin.count("/report"), 1);
+    // A conditional that the entry satisfies gets a 304.
+}
+
+#[test]
+fn a_fresh_entry_answers_a_matching_conditional_with_304() {
+    let origin = Origin::start(|_, _| {
+        ok(
+            &[("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+            "body",
+        )
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    assert_eq!(get(lb.addr, "/p").status, 200);
+    let r = http1(lb.addr, "GET", "/p", &["If-None-Match: \"v1\""]);
+    assert_eq!(r.status, 304);
+    assert_eq!(r.headers["etag"], "\"v1\"");
+    assert_eq!(r.body, "");
+    let r = http1(lb.addr, "GET", "/p", &["If-None-Match: \"v0\""]);
+    assert_eq!((r.status, r.body.as_str()), (200, "body"));
+    assert_eq!(origin.count("/p"), 1);
+}
+
+#[test]
+fn concurrent_misses_on_one_key_make_one_backend_request() {
+    let origin = Origin::start(|_, _| Answer {
+        delay: Duration::from_millis(300),
+        ..ok(&[("cache-control", "max-age=60")], "slow report")
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let addr = lb.addr;
+    let clients: Vec<_> = (0..100)
+        .map(|_| std::thread::spawn(move || get(addr, "/report")))
+        .collect();
+    let replies: Vec<Reply> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(replies
+        .iter()
+        .all(|r| r.status == 200 && r.body == "slow report"));
+    let collapsed = replies
+        .iter()
+        .filter(|r| cache_status(r) == "bascule; fwd=uri-miss; collapsed")
+        .count();
+    eprintln!(
+        "100 concurrent cold requests: {} backend request(s), {collapsed} collapsed",
+        origin.count("/report")
+    );
+    assert_eq!(origin.count("/report"), 1);
+}
+
+#[test]
+fn purges_by_url_tag_and_all_drop_entries() {
+    let origin = Origin::start(|parts, _| {
+        let tag = if parts.uri.path().starts_with("/product") {
+            "product-42 catalog"
+        } else {
+            "home"
+        };
+        ok(&[("cache-control", "max-age=60"), ("cache-tag", tag)], "x")
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let admin = lb.admin();
+    for p in ["/product/42", "/product/42/reviews", "/", "/about?lang=fr"] {
+        assert_eq!(
+            cache_status(&get(lb.addr, p)),
+            "bascule; fwd=miss; stored",
+            "{p}"
+        );
+    }
+    let host = lb.addr.ip();
+    // The URL as the key is made: scheme, host (any port), path and query.
+    let r = purge(
+        admin,
+        &format!(r#"{{"urls": ["http://{host}:1/about?lang=fr"]}}"#),
+    );
+    assert_eq!((r.status, r.body.trim()), (200, r#"{"dropped":1}"#));
+    assert_eq!(
+        cache_status(&get(lb.addr, "/about?lang=fr")),
+        "bascule; fwd=miss; stored"
+    );
+    let r = purge(admin, r#"{"tags": ["product-42"]}"#);
+    assert_eq!(r.body.trim(), r#"{"dropped":2}"#);
+    assert_eq!(
+        cache_status(&get(lb.addr, "/product/42")),
+        "bascule; fwd=miss; stored"
+    );
+    assert_eq!(
+        cache_status(&get(lb.addr, "/")),
+        "bascule; hit; detail=memory"
+    );
+    let r = purge(admin, r#"{"all": true}"#);
+    assert_eq!(r.body.trim(), r#"{"dropped":3}"#);
+    assert_eq!(
+        cache_status(&get(lb.addr, "/")),
+        "bascule; fwd=miss; stored"
+    );
+    // Bad requests are told why.
+    for bad in [
+        r#"{"urls": ["/relative"]}"#,
+        r#"{"tag": ["x"]}"#,
+        "nope",
+        r#"{"all": false}"#,
+    ] {
+        let r = purge(admin, bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+}
+
+#[test]
+fn a_successful_unsafe_method_invalidates_its_url() {
+    let origin = Origin::start(|parts, _| match parts.method.as_str() {
+        "GET" => ok(&[("cache-control", "max-age=60")], "cart"),
+        _ if parts.uri.path() == "/fails" => Answer {
+            status: 500,
+            ..ok(&[], "no")
+        },
+        _ => ok(&[], "updated"),
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    for p in ["/cart", "/fails"] {
+        get(lb.addr, p);
+        assert_eq!(
+            cache_status(&get(lb.addr, p)),
+            "bascule; hit; detail=memory"
+        );
+    }
+    let r = http1(lb.addr, "POST", "/cart", &["Content-Length: 0"]);
+    assert_eq!((r.status, cache_status(&r)), (200, "bascule; fwd=method"));
+    assert_eq!(
+        cache_status(&get(lb.addr, "/cart")),
+        "bascule; fwd=miss; stored"
+    );
+    // A failed one changes nothing.
+    let r = http1(lb.addr, "DELETE", "/fails", &[]);
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        cache_status(&get(lb.addr, "/fails")),
+        "bascule; hit; detail=memory"
+    );
+}
+
+#[test]
+fn what_must_not_be_shared_is_not_stored() {
+    let origin = Origin::start(|parts, _| {
+        let cc = ("cache-control", "max-age=60");
+        match parts.uri.path() {
+            "/no-store" => ok(&[("cache-control", "max-age=60, no-store")], "x"),
+            "/private" => ok(&[("cache-control", "max-age=60, private")], "x"),
+            "/cookie" => ok(&[cc, ("set-cookie", "session=1")], "x"),
+            "/public-cookie" => ok(
+                &[
+                    ("cache-control", "max-age=60, public"),
+                    ("set-cookie", "a=1"),
+                ],
+                "x",
+            ),
+            "/vary-star" => ok(&[cc, ("vary", "*")], "x"),
+            "/nothing-said" => ok(&[], "x"),
+            "/s-maxage" => ok(&[("cache-control", "s-maxage=60")], "x"),
+            _ => ok(&[cc], "x"),
+        }
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    for (path, extra, stored) in [
+        ("/no-store", vec![], false),
+        ("/private", vec![], false),
+        ("/cookie", vec![], false),
+        ("/public-cookie", vec![], true),
+        ("/vary-star", vec![], false),
+        ("/nothing-said", vec![], false),
+        ("/auth", vec!["Authorization: Bearer t"], false),
+        ("/s-maxage", vec!["Authorization: Bearer t"], true),
+        ("/request-no-store", vec!["Cache-Control: no-store"], false),
+    ] {
+        let first = http1(lb.addr, "GET", path, &extra);
+        let again = http1(lb.addr, "GET", path, &extra);
+        let hit = cache_status(&again) == "bascule; hit; detail=memory";
+        assert_eq!(
+            hit,
+            stored,
+            "{path}: {} then {}",
+            cache_status(&first),
+            cache_status(&again)
+        );
+    }
+}
+
+#[test]
+fn vary_keeps_variants_apart_and_unkeyed_fields_change_nothing() {
+    let origin = Origin::start(|parts, _| {
+        let lang = parts
+            .headers
+            .get("x-lang")
+            .map_or("en", |v| v.to_str().unwrap())
+            .to_string();
+        let mut a = ok(&[("cache-control", "max-age=60"), ("vary", "X-Lang")], "");
+        a.body = lang.into_bytes();
+        a
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let fr = http1(lb.addr, "GET", "/home", &["X-Lang: fr"]);
+    assert_eq!(fr.body, "fr");
+    let en = get(lb.addr, "/home");
+    assert_eq!(
+        (en.body.as_str(), cache_status(&en)),
+        ("en", "bascule; fwd=miss; stored")
+    );
+    let fr = http1(lb.addr, "GET", "/home", &["X-Lang: fr", "X-Other: 1"]);
+    assert_eq!(
+        (fr.body.as_str(), cache_status(&fr)),
+        ("fr", "bascule; hit; detail=memory")
+    );
+    let en = http1(
+        lb.addr,
+        "GET",
+        "/home",
+        &["Cookie: a=1", "X-Forwarded-Host: evil"],
+    );
+    assert_eq!(
+        (en.body.as_str(), cache_status(&en)),
+        ("en", "bascule; hit; detail=memory")
+    );
+    assert_eq!(origin.count("/home"), 2);
+}
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let origin = Origin::start(|_, n| Answer {
+        delay: if n > 1 {
+            Duration::from_millis(200)
+        } else {
+            Duration::ZERO
+        },
+        ..ok(
+            &[
+                ("cache-control", "max-age=1, stale-while-revalidate=60"),
+                ("x-n", &n.to_string()),
+            ],
+            "v",
+        )
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    assert_eq!(get(lb.addr, "/swr").headers["x-n"], "1");
+    wait_until(Duration::from_secs(5), "the entry to go stale", || {
+        cache_status(&get(lb.addr, "/swr")) == "bascule; fwd=stale"
+    });
+    // Stale is served at once while the one refresh (200 ms) runs.
+    for _ in 0..5 {
+        let r = get(lb.addr, "/swr");
+        assert_eq!(r.headers["x-n"], "1", "{}", cache_status(&r));
+    }
+    wait_until(Duration::from_secs(5), "the refreshed entry", || {
+        let r = get(lb.addr, "/swr");
+        r.headers["x-n"] == "2" && cache_status(&r) == "bascule; hit; detail=memory"
+    });
+    assert_eq!(origin.count("/swr"), 2);
+}
+
+#[test]
+fn stale_if_error_serves_stale_while_the_backend_is_down_and_must_revalidate_gets_504() {
+    let origin = Origin::start(|parts, _| {
+        let cc = if parts.uri.path() == "/strict" {
+            "max-age=1, must-revalidate, stale-if-error=60"
+        } else {
+            "max-age=1, stale-if-error=60"
+        };
+        ok(&[("cache-control", cc)], "kept")
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    for p in ["/sie", "/strict"] {
+        assert_eq!(get(lb.addr, p).status, 200);
+    }
+    origin.down.store(true, Ordering::SeqCst);
+    wait_until(Duration::from_secs(5), "the entry to go stale", || {
+        cache_status(&get(lb.addr, "/sie")).starts_with("bascule; fwd=stale; fwd-status=502")
+    });
+    let r = get(lb.addr, "/sie");
+    assert_eq!((r.status, r.body.as_str()), (200, "kept"));
+    let r = get(lb.addr, "/strict");
+    assert_eq!(r.status, 504, "{}: {}", cache_status(&r), r.body);
+}
+
+#[test]
+fn a_stale_entry_is_revalidated_and_a_304_refreshes_it() {
+    let origin = Origin::start(|parts, _| {
+        if parts
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            return Answer {
+                status: 304,
+                ..ok(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")], "")
+            };
+        }
+        ok(
+            &[("cache-control", "max-age=1"), ("etag", "\"v1\"")],
+            "full body",
+        )
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    assert_eq!(get(lb.addr, "/doc").body, "full body");
+    wait_until(Duration::from_secs(5), "a revalidation", || {
+        let r = get(lb.addr, "/doc");
+        assert_eq!((r.status, r.body.as_str()), (200, "full body"));
+        cache_status(&r) == "bascule; fwd=stale; fwd-status=304"
+    });
+    // Refreshed for 60 s now.
+    let r = get(lb.addr, "/doc");
+    assert_eq!(
+        (r.body.as_str(), cache_status(&r)),
+        ("full body", "bascule; hit; detail=memory")
+    );
+    let conditional = origin
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.headers.contains_key("if-none-match"))
+        .count();
+    assert!(conditional >= 1);
+}
+
+#[test]
+fn a_purge_during_a_slow_fill_leaves_nothing_stored() {
+    let origin = Origin::start(|_, n| Answer {
+        delay: if n == 1 {
+            Duration::from_millis(500)
+        } else {
+            Duration::ZERO
+        },
+        ..ok(
+            &[
+                ("cache-control", "max-age=60"),
+                ("cache-tag", "t"),
+                ("x-n", &n.to_string()),
+            ],
+            "x",
+        )
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let addr = lb.addr;
+    let filling = std::thread::spawn(move || get(addr, "/slow-fill"));
+    wait_until(
+        Duration::from_secs(5),
+        "the fill to reach the backend",
+        || origin.count("/slow-fill") == 1,
+    );
+    assert_eq!(purge(lb.admin(), r#"{"tags": ["t"]}"#).status, 200);
+    let first = filling.join().unwrap();
+    assert_eq!(
+        (first.status, &first.headers["x-n"]),
+        (200, &"1".parse().unwrap())
+    );
+    let next = get(lb.addr, "/slow-fill");
+    assert_eq!(cache_status(&next), "bascule; fwd=miss; stored");
+    assert_eq!(next.headers["x-n"], "2");
+}
+
+#[test]
+fn an_object_over_max_object_streams_through_unstored() {
+    let origin = Origin::start(|_, _| Answer {
+        pieces: Some((4, Duration::from_millis(150))),
+        body: vec![b'b'; 4 << 20],
+        ..ok(&[("cache-control", "max-age=60")], "")
+    });
+    let lb = Balancer::start(&config(
+        &origin,
+        "    memory: 64MiB\n    max_object: 1MiB\n",
+    ));
+    use std::io::{Read, Write};
+    for round in 0..2 {
+        let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
+        let head = format!(
+            "GET /big HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            lb.addr
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).unwrap();
+        let first_byte = started.elapsed();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        let last_byte = started.elapsed();
+        // The backend sends its last piece 600 ms in: the client had the first long before.
+        assert!(
+            first_byte + Duration::from_millis(300) < last_byte,
+            "{first_byte:?} then {last_byte:?}"
+        );
+        assert!(rest.len() > 4 << 20, "round {round}");
+    }
+    assert_eq!(origin.count("/big"), 2);
+}
+
+#[test]
+fn a_body_being_stored_streams_to_its_client_as_it_arrives() {
+    let origin = Origin::start(|_, _| Answer {
+        pieces: Some((4, Duration::from_millis(150))),
+        body: vec![b's'; 256 << 10],
+        ..ok(&[("cache-control", "max-age=60")], "")
+    });
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
+    let head = format!(
+        "GET /stream HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        lb.addr
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).unwrap();
+    let first_byte = started.elapsed();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    let last_byte = started.elapsed();
+    assert!(
+        first_byte + Duration::from_millis(300) < last_byte,
+        "{first_byte:?} then {last_byte:?}"
+    );
+    let hit = get(lb.addr, "/stream");
+    assert_eq!(cache_status(&hit), "bascule; hit; detail=memory");
+    assert_eq!(hit.body.len(), 256 << 10);
+}
+
+#[test]
+fn status_and_metrics_show_the_cache() {
+    let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "x"));
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    // The recorder is the process's: other tests here count too.
+    let value = |metrics: &str, series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let hits = r#"bascule_cache_requests_total{cache="pages",result="hit_memory"}"#;
+    let misses = r#"bascule_cache_requests_total{cache="pages",result="miss"}"#;
+    let before = get(lb.admin(), "/metrics").body;
+    get(lb.addr, "/a");
+    for _ in 0..3 {
+        get(lb.addr, "/a");
+    }
+    let status = status_json(lb.admin());
+    let pages = &status["caches"]["pages"];
+    assert_eq!(pages["entries"], 1, "{status}");
+    assert!(pages["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(pages["hit_ratio"], 0.75);
+    assert_eq!(pages["hit_ratio_last_minute"], 0.75);
+    let after = get(lb.admin(), "/metrics").body;
+    assert_eq!(value(&after, hits) - value(&before, hits), 3.0, "{after}");
+    assert_eq!(
+        value(&after, misses) - value(&before, misses),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        after.contains(r#"bascule_cache_entries{cache="pages"} 1"#),
+        "{after}"
+    );
+}
