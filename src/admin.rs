@@ -156,7 +156,7 @@ async fn purge(state: &State, rest: &str, req: Request<Incoming>) -> Response<Fu
         Ok(p) => p,
         Err(why) => return text(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n")),
     };
-    let dropped = cache.purge(purge, cache::Source::Admin);
+    let dropped = cache.purge_everywhere(purge, cache::Source::Admin).await;
     json_reply(json!({ "dropped": dropped }))
 }
 

@@ -95,7 +95,7 @@ impl Snapshot {
                 previous
                     .and_then(|p| p.caches.iter().find(|old| old.config == *c))
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Cache::new(c.clone())))
+                    .unwrap_or_else(|| Cache::new(c.clone()))
             })
             .collect();
         let index = |name: &str| {

@@ -651,23 +651,23 @@ fn a_body_being_stored_streams_to_its_client_as_it_arrives() {
 #[test]
 fn status_and_metrics_show_the_cache() {
     let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "x"));
-    let lb = Balancer::start(&config(&origin, MEMORY));
-    // The recorder is the process's: other tests here count too.
+    // A name of its own: the recorder is the process's, and other tests count too.
+    let lb = Balancer::start(&config(&origin, MEMORY).replace("pages", "figures"));
     let value = |metrics: &str, series: &str| -> f64 {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0.0)
     };
-    let hits = r#"bascule_cache_requests_total{cache="pages",result="hit_memory"}"#;
-    let misses = r#"bascule_cache_requests_total{cache="pages",result="miss"}"#;
+    let hits = r#"bascule_cache_requests_total{cache="figures",result="hit_memory"}"#;
+    let misses = r#"bascule_cache_requests_total{cache="figures",result="miss"}"#;
     let before = get(lb.admin(), "/metrics").body;
     get(lb.addr, "/a");
     for _ in 0..3 {
         get(lb.addr, "/a");
     }
     let status = status_json(lb.admin());
-    let pages = &status["caches"]["pages"];
+    let pages = &status["caches"]["figures"];
     assert_eq!(pages["entries"], 1, "{status}");
     assert!(pages["bytes"].as_u64().unwrap() > 0);
     assert_eq!(pages["hit_ratio"], 0.75);
@@ -680,7 +680,182 @@ fn status_and_metrics_show_the_cache() {
         "{after}"
     );
     assert!(
-        after.contains(r#"bascule_cache_entries{cache="pages"} 1"#),
+        after.contains(r#"bascule_cache_entries{cache="figures"} 1"#),
         "{after}"
+    );
+}
+
+// ---- the Redis tier: two real bascule processes sharing one Redis ----------------------
+
+/// One command to Redis, in RESP; its reply as text.
+fn redis_cmd(port: u16, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn shared_config(origin: &Origin, redis: &Redis) -> String {
+    config(
+        origin,
+        &format!(
+            "    memory: 64MiB\n    redis:\n      url: {}\n      timeout: 200ms\n",
+            redis.url()
+        ),
+    )
+}
+
+/// A bascule process connected to Redis.
+fn instance(origin: &Origin, redis: &Redis) -> Process {
+    let p = Process::start(&shared_config(origin, redis));
+    wait_until(Duration::from_secs(10), "the Redis tier to connect", || {
+        p.log.lock().unwrap().contains("Redis connected")
+    });
+    p
+}
+
+fn get_at(p: &Process, path: &str) -> Reply {
+    get(p.addrs[0], path)
+}
+
+/// Waits for `key`'s entry to be written to Redis by the instance that filled it.
+fn wait_in_redis(redis: &Redis, key: &str) {
+    let k = format!("bascule:pages:e:{key}");
+    wait_until(Duration::from_secs(5), "the fill to reach Redis", || {
+        redis_cmd(redis.port, &["EXISTS", &k]).starts_with(":1")
+    });
+}
+
+#[test]
+fn two_instances_share_fills_and_every_purge_reaches_both() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start(|parts, _| {
+        let tag = format!("item-{}", parts.uri.path().trim_start_matches('/'));
+        ok(
+            &[("cache-control", "max-age=300"), ("cache-tag", &tag)],
+            "shared",
+        )
+    });
+    let (a, b) = (instance(&origin, &redis), instance(&origin, &redis));
+    // A miss on A, then a hit from Redis on B, then from B's memory: one backend request.
+    assert_eq!(
+        cache_status(&get_at(&a, "/report")),
+        "bascule; fwd=miss; stored"
+    );
+    let host = a.addrs[0].ip();
+    wait_in_redis(&redis, &format!("http://{host}/report"));
+    let on_b = get_at(&b, "/report");
+    assert_eq!(
+        (on_b.body.as_str(), cache_status(&on_b)),
+        ("shared", "bascule; hit; detail=redis")
+    );
+    assert_eq!(
+        cache_status(&get_at(&b, "/report")),
+        "bascule; hit; detail=memory"
+    );
+    assert_eq!(origin.count("/report"), 1);
+
+    // Purges on A, by URL and by tag, reach B: timed over 100 of them.
+    let mut took = Vec::new();
+    for i in 0..100 {
+        let path = format!("/p{i}");
+        get_at(&a, &path);
+        wait_in_redis(&redis, &format!("http://{host}{path}"));
+        assert_eq!(
+            cache_status(&get_at(&b, &path)),
+            "bascule; hit; detail=redis"
+        );
+        let body = if i % 2 == 0 {
+            format!(r#"{{"urls": ["http://{host}{path}"]}}"#)
+        } else {
+            format!(r#"{{"tags": ["item-p{i}"]}}"#)
+        };
+        let started = Instant::now();
+        assert_eq!(
+            purge(a.admin.unwrap(), &body).body.trim(),
+            r#"{"dropped":1}"#
+        );
+        wait_until(Duration::from_secs(2), "the purge to reach B", || {
+            cache_status(&get_at(&b, &path)) == "bascule; fwd=miss; stored"
+        });
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let (median, max) = (took[took.len() / 2], took[took.len() - 1]);
+    eprintln!("purge on A seen on B: median {median:?}, max {max:?} over 100 purges");
+    assert!(
+        max < Duration::from_millis(100),
+        "a purge took {max:?} to reach B"
+    );
+
+    // An application's own PUBLISH, from its write path, invalidates both.
+    for p in [&a, &b] {
+        get_at(p, "/cart");
+        assert_eq!(
+            cache_status(&get_at(p, "/cart")),
+            "bascule; hit; detail=memory"
+        );
+    }
+    let message = format!(r#"{{"urls": ["http://{host}/cart"]}}"#);
+    assert!(redis_cmd(
+        redis.port,
+        &["PUBLISH", "bascule:invalidate:pages", &message]
+    )
+    .starts_with(":2"));
+    // (Asked with HEAD, which does not fill: a GET would refill Redis for the other.)
+    for p in [&a, &b] {
+        wait_until(Duration::from_secs(2), "the application's purge", || {
+            cache_status(&http1(p.addrs[0], "HEAD", "/cart", &[])) == "bascule; fwd=miss"
+        });
+    }
+    let k = format!("bascule:pages:e:http://{host}/cart");
+    assert!(redis_cmd(redis.port, &["EXISTS", &k]).starts_with(":0"));
+}
+
+#[test]
+fn with_redis_down_requests_go_on_and_its_return_flushes_memory() {
+    let Some(redis) = Redis::start() else { return };
+    let port = redis.port;
+    let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=300")], "v"));
+    let a = instance(&origin, &redis);
+    get_at(&a, "/kept");
+    assert_eq!(
+        cache_status(&get_at(&a, "/kept")),
+        "bascule; hit; detail=memory"
+    );
+    drop(redis);
+    wait_until(Duration::from_secs(10), "the loss to be noticed", || {
+        a.log.lock().unwrap().contains("subscription was lost")
+    });
+    // Hits from memory go on; misses reach the backend; nothing fails.
+    for i in 0..20 {
+        assert_eq!(
+            cache_status(&get_at(&a, "/kept")),
+            "bascule; hit; detail=memory"
+        );
+        let r = get_at(&a, &format!("/new{i}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let _redis = Redis::start_on(port);
+    wait_until(
+        Duration::from_secs(10),
+        "the flush on Redis's return",
+        || {
+            a.log
+                .lock()
+                .unwrap()
+                .contains("the memory tier was flushed")
+        },
+    );
+    assert_eq!(
+        cache_status(&get_at(&a, "/kept")),
+        "bascule; fwd=miss; stored"
     );
 }

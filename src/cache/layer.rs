@@ -165,9 +165,23 @@ where
     async fn fill(
         &self,
         mut req: RouteRequest,
-        fill: Fill,
-        stale: Option<Arc<Entry>>,
+        mut fill: Fill,
+        mut stale: Option<Arc<Entry>>,
     ) -> Response<ProxyBody> {
+        if let Some(tier) = &self.cache.redis {
+            // Another instance may have it: read before going to the backend.
+            let began = tier.begin(fill.key()).await;
+            fill.redis_generation = began.generation;
+            if let Some(shared) = began.entry.filter(|e| e.matches(req.http.headers())) {
+                let shared = Arc::new(shared);
+                if shared.freshness(Instant::now()) == Freshness::Fresh {
+                    fill.promote(shared.clone());
+                    self.cache.stats.count(Outcome::HitRedis);
+                    return self.reply(&shared, req, Instant::now(), "bascule; hit; detail=redis");
+                }
+                stale = stale.or(Some(shared));
+            }
+        }
         let client = head_of(&req.http);
         if let Some(stale) = &stale {
             // The stored response's validators replace the client's own, whose
@@ -323,8 +337,10 @@ where
         let status = resp.status();
         if let Some(key) = key {
             if status.is_success() || status.is_redirection() {
+                let purge = Purge::Keys(vec![key]);
                 self.cache
-                    .purge(Purge::Keys(vec![key]), Source::UnsafeMethod);
+                    .purge_everywhere(purge, Source::UnsafeMethod)
+                    .await;
             }
         }
         with_status(resp, "bascule; fwd=method")

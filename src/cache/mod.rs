@@ -11,6 +11,7 @@
 pub mod key;
 pub mod layer;
 pub mod policy;
+pub mod redis;
 pub mod store;
 
 use std::collections::{HashMap, VecDeque};
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::CacheConfig;
 use crate::metrics as m;
+use redis::RedisTier;
 use store::{Entry, Store};
 
 /// Purges remembered for the fills in flight. A fill that began before the
@@ -34,6 +36,8 @@ const PURGES_KEPT: usize = 1024;
 pub struct Cache {
     pub config: Arc<CacheConfig>,
     pub store: Store,
+    /// The shared tier, when the config gives one.
+    pub redis: Option<RedisTier>,
     fills: Mutex<HashMap<String, watch::Sender<Option<Filled>>>>,
     purges: Mutex<PurgeLog>,
     pub stats: Stats,
@@ -72,19 +76,36 @@ pub enum Purge {
 impl Purge {
     /// A purge request's JSON: `{"urls": [...]}`, `{"tags": [...]}` or `{"all": true}`.
     pub fn from_json(body: &[u8]) -> Result<Purge, String> {
+        match Purge::from_message(body)? {
+            (purge, None) => Ok(purge),
+            (_, Some(_)) => Err("unknown key `from`".into()),
+        }
+    }
+
+    /// A message on the invalidation channel: a purge request's JSON, and the
+    /// instance that sent it (`from`) when it was one of bascule's.
+    pub fn from_message(body: &[u8]) -> Result<(Purge, Option<String>), String> {
         const EXPECTED: &str = r#"expected {"urls": ["http://host/path", ...]}, {"tags": ["tag", ...]} or {"all": true}"#;
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("not JSON ({e}); {EXPECTED}"))?;
-        let Some(map) = value.as_object().filter(|m| m.len() == 1) else {
+        let Some(mut map) = value.as_object().cloned() else {
             return Err(EXPECTED.into());
         };
+        let from = match map.remove("from") {
+            Some(serde_json::Value::String(f)) => Some(f),
+            Some(_) => return Err("`from` must be a string".into()),
+            None => None,
+        };
+        if map.len() != 1 {
+            return Err(EXPECTED.into());
+        }
         let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
             v.as_array()?
                 .iter()
                 .map(|s| s.as_str().map(str::to_string))
                 .collect()
         };
-        match map.iter().next() {
+        let purge = match map.iter().next() {
             Some((k, v)) if k == "urls" => {
                 let urls = strings(v).ok_or(EXPECTED)?;
                 let keys = urls
@@ -93,12 +114,27 @@ impl Purge {
                         key::of_url(u).ok_or_else(|| format!("`{u}` is not an http or https URL"))
                     })
                     .collect::<Result<_, _>>()?;
-                Ok(Purge::Keys(keys))
+                Purge::Keys(keys)
             }
-            Some((k, v)) if k == "tags" => Ok(Purge::Tags(strings(v).ok_or(EXPECTED)?)),
-            Some((k, v)) if k == "all" && v == &serde_json::Value::Bool(true) => Ok(Purge::All),
-            _ => Err(EXPECTED.into()),
+            Some((k, v)) if k == "tags" => Purge::Tags(strings(v).ok_or(EXPECTED)?),
+            Some((k, v)) if k == "all" && v == &serde_json::Value::Bool(true) => Purge::All,
+            _ => return Err(EXPECTED.into()),
+        };
+        Ok((purge, from))
+    }
+
+    /// The message that tells other instances of this purge. Keys go as the
+    /// URLs they are (`http://host/path`), which `key::of_url` reads back.
+    pub fn to_json(&self, from: Option<&str>) -> String {
+        let mut v = match self {
+            Purge::Keys(keys) => serde_json::json!({ "urls": keys }),
+            Purge::Tags(tags) => serde_json::json!({ "tags": tags }),
+            Purge::All => serde_json::json!({ "all": true }),
+        };
+        if let Some(from) = from {
+            v["from"] = serde_json::Value::String(from.to_string());
         }
+        v.to_string()
     }
 
     fn covers(&self, key: &str, tags: &[String]) -> bool {
@@ -126,14 +162,18 @@ struct PurgeLog {
 }
 
 impl Cache {
-    pub fn new(config: Arc<CacheConfig>) -> Self {
-        Cache {
+    pub fn new(config: Arc<CacheConfig>) -> Arc<Self> {
+        Arc::new_cyclic(|cache| Cache {
             store: Store::new(config.memory),
             stats: Stats::new(&config.name),
+            redis: config
+                .redis
+                .as_ref()
+                .and_then(|r| RedisTier::start(&config.name, r, cache.clone())),
             config,
             fills: Mutex::new(HashMap::new()),
             purges: Mutex::new(PurgeLog::default()),
-        }
+        })
     }
 
     pub fn defaults(&self) -> policy::Defaults {
@@ -156,6 +196,7 @@ impl Cache {
             cache: self.clone(),
             key: key.to_string(),
             generation: lock(&self.purges).generation,
+            redis_generation: None,
             done: false,
         })
     }
@@ -171,6 +212,21 @@ impl Cache {
     /// Drops what `purge` covers from the memory tier, and fences the fills
     /// in flight against it; says how many entries went.
     pub fn purge(&self, purge: Purge, source: Source) -> usize {
+        let dropped = self.purge_local(&purge);
+        self.stats.invalidations[source as usize].increment(1);
+        dropped
+    }
+
+    /// As `purge`, then in Redis and, broadcast, in every other instance.
+    pub async fn purge_everywhere(&self, purge: Purge, source: Source) -> usize {
+        let dropped = self.purge(purge.clone(), source);
+        if let Some(tier) = &self.redis {
+            tier.purge(&purge, true).await;
+        }
+        dropped
+    }
+
+    fn purge_local(&self, purge: &Purge) -> usize {
         let mut log = lock(&self.purges);
         log.generation += 1;
         let generation = log.generation;
@@ -179,13 +235,12 @@ impl Cache {
         }
         log.recent.push_back((generation, purge.clone()));
         // Under the log's lock, so that a fill's check and store do not fall between.
-        let dropped = match &purge {
+        let dropped = match purge {
             Purge::Keys(keys) => keys.iter().map(|k| self.store.remove(k)).sum(),
             Purge::Tags(tags) => self.store.remove_tagged(tags),
             Purge::All => self.store.clear(),
         };
         drop(log);
-        self.stats.invalidations[source as usize].increment(1);
         dropped
     }
 
@@ -203,6 +258,8 @@ pub struct Fill {
     key: String,
     /// The purges made when it began.
     generation: u64,
+    /// Redis's count of purges when it began: without it, not written there.
+    pub redis_generation: Option<String>,
     done: bool,
 }
 
@@ -213,6 +270,13 @@ impl Fill {
 
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// Keeps an entry read from the Redis tier in memory (unless a purge since
+    /// the fill began covers it), without writing it back there.
+    pub fn promote(mut self, entry: Arc<Entry>) -> bool {
+        self.redis_generation = None;
+        self.store(entry)
     }
 
     /// Stores `entry` unless a purge since the fill began covers it, and
@@ -233,6 +297,14 @@ impl Fill {
             self.cache.store.insert(self.key.clone(), entry.clone());
         }
         drop(log);
+        if let (true, Some(generation)) = (stored, self.redis_generation.take()) {
+            let (cache, key, entry) = (self.cache.clone(), self.key.clone(), entry.clone());
+            tokio::spawn(async move {
+                if let Some(tier) = &cache.redis {
+                    tier.put(&key, &entry, &generation).await;
+                }
+            });
+        }
         self.done = true;
         self.cache.finish(&self.key, Filled::Stored(entry));
         stored

@@ -108,7 +108,7 @@ impl Entry {
     /// kept, a backend that fails to revalidate it gets a 504, not its
     /// failure passed on), and one lifetime more when it can be revalidated
     /// (a 304 costs the backend less than the whole response).
-    fn keep(&self) -> Duration {
+    pub fn keep(&self) -> Duration {
         let l = &self.lifetime;
         let fresh_left = l.fresh.saturating_sub(l.age);
         let stale = l.stale_while_revalidate.max(l.stale_if_error);

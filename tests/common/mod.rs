@@ -794,3 +794,75 @@ pub fn preview_share<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<f64
             .ok()
     })
 }
+
+/// A redis-server on a free port, without persistence; stopped on drop.
+pub struct Redis {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Redis {
+    /// None when redis-server is not installed (and this is not CI).
+    pub fn start() -> Option<Redis> {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is missing under CI: .ci/run installs it"
+            );
+            // Straight to the process's stderr: the test runner captures
+            // `eprintln!`, and a skip must show where a person looks.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"\n*** SKIPPED: a Redis test, redis-server is not installed (apt-get install -y redis-server) ***\n",
+            );
+            return None;
+        }
+        Some(Self::start_on(free_port()))
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let redis = Redis { child, port };
+        wait_until(Duration::from_secs(10), "redis-server to answer", || {
+            redis.ping()
+        });
+        redis
+    }
+
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
