@@ -2,8 +2,9 @@
 """Reproduces the README's profiling figures that compare.py does not give.
 
   instructions LOAD   user-space instructions per request under callgrind, LOAD one of
-                      keepalive, close, tls (HTTP/1 over TLS), h2 (HTTP/2 over TLS) or
-                      handshake (a new TLS connection per request, as wrk resumes them)
+                      keepalive, close, tls (HTTP/1 over TLS), h2 (HTTP/2 over TLS),
+                      handshake (a new TLS connection per request, as wrk resumes them) or
+                      cached (a 4 KiB reply from the memory tier of the edge cache)
   cpu-split           user and system CPU per request, bascule and NGINX alternately
                       (add --close for a new connection per request)
   idle-tls            RSS per idle TLS keep-alive connection
@@ -39,11 +40,14 @@ def nginx_head(d, name):
 
 
 def write_configs(d):
+    with open(f"{d}/cached.bin", "wb") as f:
+        f.write(b"c" * 4096)
     servers = "".join(f"""
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     keepalive_requests 1000000;
     location / {{ add_header X-Backend {i}; return 200 "backend {i}\\n"; }}
+    location = /cached {{ alias {d}/cached.bin; add_header Cache-Control "public, max-age=600"; }}
   }}""" for i, port in enumerate(BACKENDS, 1))
     open(f"{d}/backends.conf", "w").write(nginx_head(d, "backends") + f"""http {{
   access_log off;
@@ -74,9 +78,15 @@ def write_configs(d):
     backends = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
     open(f"{d}/bascule.yaml", "w").write(f"""admin:
   bind: 127.0.0.1:{ADMIN}
+caches:
+  pages:
+    memory: 256MiB
 listeners:
   - bind: 127.0.0.1:{PLAIN}
     routes:
+      - match: {{ path_prefix: /cached }}
+        upstream: app
+        cache: pages
       - upstream: app
   - bind: 127.0.0.1:{TLS}
     tls:
@@ -136,8 +146,11 @@ def instructions(d, load, n):
     vg = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no",
                 BASCULE, "-c", f"{d}/bascule.yaml"], 0)
     url = f"https://127.0.0.1:{TLS}/" if load in ("tls", "h2", "handshake") else f"http://127.0.0.1:{PLAIN}/"
+    if load == "cached":
+        url += "cached"
     wait_for(url)
     h2load = {"keepalive": ["h2load", "--h1", "-c", "16"], "tls": ["h2load", "--h1", "-c", "16"],
+              "cached": ["h2load", "--h1", "-c", "16"],
               "h2": ["h2load", "-c", "16", "-m", "10"]}
 
     def run_load(count):
@@ -245,7 +258,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     ins = sub.add_parser("instructions")
-    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake"])
+    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake", "cached"])
     ins.add_argument("--requests", type=int, default=20000,
                      help="requests measured (close: a thousand per second of wrk)")
     split = sub.add_parser("cpu-split")

@@ -32,7 +32,9 @@ fn make(scheme: &str, host: &str, target: &str) -> String {
     let mut key = String::with_capacity(scheme.len() + 3 + host.len() + target.len());
     key.push_str(scheme);
     key.push_str("://");
-    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    let at = key.len();
+    key.push_str(host);
+    key[at..].make_ascii_lowercase();
     key.push_str(target);
     key
 }

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Either};
 use tower::{Layer, Service, ServiceExt};
 
 use super::policy::{self, Ask, Lifetime};
-use super::store::{Entry, Freshness};
+use super::store::{Entry, Freshness, CACHE_STATUS};
 use super::{key, Cache, Fill, Filled, Join, Outcome, Purge, Source};
 use crate::client_io::Activity;
 use crate::http1::serve::RequestBody;
@@ -29,7 +29,7 @@ use crate::http1::BoxError;
 use crate::proxy::{self, ConnContext, Exchange, Failed, ProxyBody, RouteRequest};
 use crate::upstream::Upstream;
 
-const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const HIT_MEMORY: &str = "bascule; hit; detail=memory";
 
 /// Puts a cache in front of a route's services.
 #[derive(Clone, Debug)]
@@ -82,8 +82,15 @@ where
     }
 
     fn call(&mut self, req: RouteRequest) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.serve(req).await) })
+        // A fresh hit is answered here, in a future that holds only the reply:
+        // the whole of `serve`'s would be made, moved and dropped for nothing.
+        match self.fresh_hit(req) {
+            Ok(resp) => Box::pin(std::future::ready(Ok(resp))),
+            Err(req) => {
+                let this = self.clone();
+                Box::pin(async move { Ok(this.serve(req).await) })
+            }
+        }
     }
 }
 
@@ -96,6 +103,31 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    /// The reply to a plain GET or HEAD that a fresh entry in memory answers,
+    /// or the request back.
+    // The request comes back by value as it went in: boxing it would cost every miss.
+    #[allow(clippy::result_large_err)]
+    fn fresh_hit(&self, req: RouteRequest) -> Result<Response<ProxyBody>, RouteRequest> {
+        let http = &req.http;
+        if (http.method() != Method::GET && http.method() != Method::HEAD)
+            || policy::ask(http.headers()) != Ask::Plain
+            || http.headers().contains_key(RANGE)
+        {
+            return Err(req);
+        }
+        let Some(key) = key::of_request(http, req.conn.tls) else {
+            return Err(req);
+        };
+        let now = Instant::now();
+        match self.cache.store.get(&key, http.headers()) {
+            Some(entry) if entry.freshness(now) == Freshness::Fresh => {
+                self.cache.stats.count(Outcome::HitMemory);
+                Ok(self.reply(&entry, req, now, HIT_MEMORY))
+            }
+            _ => Err(req),
+        }
+    }
+
     async fn serve(self, req: RouteRequest) -> Response<ProxyBody> {
         let method = req.http.method().clone();
         if method != Method::GET && method != Method::HEAD {
@@ -118,7 +150,7 @@ where
             };
             if fresh {
                 self.cache.stats.count(Outcome::HitMemory);
-                return self.reply(entry, req, now, "bascule; hit; detail=memory");
+                return self.reply(entry, req, now, HIT_MEMORY);
             }
             if ask == Ask::Plain
                 && matches!(
@@ -396,7 +428,11 @@ where
             (entry.status, entry.headers.clone(), entry.body.clone())
         };
         headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
-        if let Ok(v) = HeaderValue::from_str(cache_status) {
+        let value = match cache_status {
+            HIT_MEMORY => Ok(HeaderValue::from_static(HIT_MEMORY)),
+            other => HeaderValue::from_str(other),
+        };
+        if let Ok(v) = value {
             headers.insert(CACHE_STATUS, v);
         }
         ex.status = status.as_u16();
@@ -487,9 +523,10 @@ fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bool {
         let etag = opaque(etag);
         return inm.trim() == "*" || inm.split(',').any(|t| opaque(t) == etag);
     }
-    let since = request
-        .get(IF_MODIFIED_SINCE)
-        .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+    let Some(since) = request.get(IF_MODIFIED_SINCE) else {
+        return false;
+    };
+    let since = httpdate::parse_http_date(since.to_str().unwrap_or_default()).ok();
     let modified = stored
         .get(LAST_MODIFIED)
         .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());

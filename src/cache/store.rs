@@ -8,6 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AGE, ETAG, LAST_MODIFIED};
+
+/// RFC 9211's field, which every reply on a cached route carries.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 use http::StatusCode;
 use http_cache_semantics::CachePolicy;
 
@@ -24,7 +27,8 @@ const ENTRY_OVERHEAD: usize = 256;
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
-    /// The backend's fields, without `Age` (made for each reply).
+    /// The backend's fields, with `Age` and `Cache-Status` as placeholders
+    /// (each reply sets them).
     pub headers: HeaderMap,
     pub body: Bytes,
     /// The request's values of the fields the response varies on.
@@ -63,7 +67,12 @@ impl Entry {
         lifetime: Lifetime,
         stored_at: SystemTime,
     ) -> Self {
+        // Made for each reply, in place: the placeholders come last, so that a
+        // reply's copy of the map has their slots and never grows.
         headers.remove(AGE);
+        headers.remove(CACHE_STATUS);
+        headers.insert(AGE, HeaderValue::from_static("0"));
+        headers.insert(CACHE_STATUS, HeaderValue::from_static("bascule"));
         Entry {
             status,
             headers,
