@@ -146,9 +146,11 @@ impl RequestLine {
         upstream: &str,
         backend: &str,
         took: Duration,
+        cache: Option<&str>,
     ) -> String {
+        let cache = cache.map_or(String::new(), |c| format!(" cache={c}"));
         format!(
-            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}\n",
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}{cache}\n",
             self.client,
             clf_time(self.time),
             escape(&self.request),
@@ -217,10 +219,27 @@ mod tests {
             .unwrap();
         let mut line = RequestLine::capture(&req, "10.0.0.1".parse().unwrap());
         line.time = UNIX_EPOCH;
-        let s = line.format(200, 12, "app", "127.0.0.1:9001", Duration::from_millis(3));
+        let s = line.format(
+            200,
+            12,
+            "app",
+            "127.0.0.1:9001",
+            Duration::from_millis(3),
+            None,
+        );
         assert_eq!(
             s,
             "10.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl \\\"x\\\"\" upstream=app backend=127.0.0.1:9001 duration=0.003000\n"
         );
+        // On a cached route, how the cache served it.
+        let s = line.format(
+            200,
+            12,
+            "app",
+            "none",
+            Duration::from_millis(3),
+            Some("hit_memory"),
+        );
+        assert!(s.ends_with(" duration=0.003000 cache=hit_memory\n"), "{s}");
     }
 }

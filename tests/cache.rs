@@ -859,3 +859,38 @@ fn with_redis_down_requests_go_on_and_its_return_flushes_memory() {
         "bascule; fwd=miss; stored"
     );
 }
+
+#[test]
+fn the_access_log_says_how_the_cache_served_each_request() {
+    let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "x"));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let lb = Balancer::start(&format!(
+        "{}access_log: {}\n",
+        config(&origin, MEMORY),
+        log.display()
+    ));
+    get(lb.addr, "/logged");
+    get(lb.addr, "/logged");
+    http1(lb.addr, "GET", "/logged", &["Cache-Control: no-store"]);
+    wait_until(Duration::from_secs(10), "three log lines", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.lines().count() == 3 && s.ends_with('\n'))
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let results: Vec<&str> = text
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["cache=miss", "cache=hit_memory", "cache=bypass"],
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .contains("upstream=app backend=none"),
+        "{text}"
+    );
+}

@@ -122,7 +122,7 @@ where
         match self.cache.store.get(&key, http.headers()) {
             Some(entry) if entry.freshness(now) == Freshness::Fresh => {
                 self.cache.stats.count(Outcome::HitMemory);
-                Ok(self.reply(&entry, req, now, HIT_MEMORY))
+                Ok(self.reply(&entry, req, now, Outcome::HitMemory, HIT_MEMORY))
             }
             _ => Err(req),
         }
@@ -150,7 +150,7 @@ where
             };
             if fresh {
                 self.cache.stats.count(Outcome::HitMemory);
-                return self.reply(entry, req, now, HIT_MEMORY);
+                return self.reply(entry, req, now, Outcome::HitMemory, HIT_MEMORY);
             }
             if ask == Ask::Plain
                 && matches!(
@@ -163,13 +163,13 @@ where
             {
                 self.refresh_in_background(&key, &req, entry.clone());
                 self.cache.stats.count(Outcome::Stale);
-                return self.reply(entry, req, now, "bascule; fwd=stale");
+                return self.reply(entry, req, now, Outcome::Stale, "bascule; fwd=stale");
             }
         }
         if method == Method::HEAD {
             // Filled by GETs only; a HEAD that misses goes on as it is.
             self.cache.stats.count(Outcome::Miss);
-            return with_status(self.forward(req).await, "bascule; fwd=miss");
+            return with_status(self.forward(req, Outcome::Miss).await, "bascule; fwd=miss");
         }
         match self.cache.join(&key) {
             Join::Lead(fill) => self.fill(req, fill, found).await,
@@ -184,9 +184,10 @@ where
                         &entry,
                         req,
                         Instant::now(),
+                        Outcome::Miss,
                         "bascule; fwd=uri-miss; collapsed",
                     ),
-                    _ => with_status(self.forward(req).await, "bascule; fwd=miss"),
+                    _ => with_status(self.forward(req, Outcome::Miss).await, "bascule; fwd=miss"),
                 }
             }
         }
@@ -209,7 +210,13 @@ where
                 if shared.freshness(Instant::now()) == Freshness::Fresh {
                     fill.promote(shared.clone());
                     self.cache.stats.count(Outcome::HitRedis);
-                    return self.reply(&shared, req, Instant::now(), "bascule; hit; detail=redis");
+                    return self.reply(
+                        &shared,
+                        req,
+                        Instant::now(),
+                        Outcome::HitRedis,
+                        "bascule; hit; detail=redis",
+                    );
                 }
                 stale = stale.or(Some(shared));
             }
@@ -228,7 +235,7 @@ where
                 headers.insert(IF_MODIFIED_SINCE, modified.clone());
             }
         }
-        let resp = self.forward(req).await;
+        let resp = self.forward(req, Outcome::Miss).await;
         let status = resp.status();
         if let Some(stale) = stale {
             if status == StatusCode::NOT_MODIFIED {
@@ -249,6 +256,7 @@ where
                     &client.headers,
                     ex,
                     Instant::now(),
+                    Outcome::Stale,
                     reply_status,
                 );
             }
@@ -265,6 +273,7 @@ where
                         &client.headers,
                         ex,
                         now,
+                        Outcome::Stale,
                         &reply_status,
                     );
                 }
@@ -365,7 +374,7 @@ where
         // RFC 9111 §4.4: a successful unsafe method invalidates what is stored for its URL.
         let is_unsafe = !matches!(*req.http.method(), Method::OPTIONS | Method::TRACE);
         let key = key::of_request(&req.http, req.conn.tls).filter(|_| is_unsafe);
-        let resp = self.forward(req).await;
+        let resp = self.forward(req, Outcome::Bypass).await;
         let status = resp.status();
         if let Some(key) = key {
             if status.is_success() || status.is_redirection() {
@@ -380,10 +389,15 @@ where
 
     async fn bypass(&self, req: RouteRequest) -> Response<ProxyBody> {
         self.cache.stats.count(Outcome::Bypass);
-        with_status(self.forward(req).await, "bascule; fwd=bypass")
+        with_status(
+            self.forward(req, Outcome::Bypass).await,
+            "bascule; fwd=bypass",
+        )
     }
 
-    async fn forward(&self, req: RouteRequest) -> Response<ProxyBody> {
+    /// Sends the request on, its access log line marked with `outcome`.
+    async fn forward(&self, mut req: RouteRequest, outcome: Outcome) -> Response<ProxyBody> {
+        req.exchange.cache = Some(outcome.name());
         match self.inner.clone().oneshot(req).await {
             Ok(resp) => resp,
             Err(never) => match never {},
@@ -395,14 +409,25 @@ where
         entry: &Entry,
         req: RouteRequest,
         now: Instant,
+        outcome: Outcome,
         status: &str,
     ) -> Response<ProxyBody> {
         let RouteRequest { http, exchange, .. } = req;
-        self.reply_to(entry, http.method(), http.headers(), exchange, now, status)
+        self.reply_to(
+            entry,
+            http.method(),
+            http.headers(),
+            exchange,
+            now,
+            outcome,
+            status,
+        )
     }
 
     /// The stored response (or a 304 for a conditional it satisfies), counted
-    /// under the route's upstream as a reply made without a backend.
+    /// under the route's upstream as a reply made without a backend, and
+    /// logged with `outcome`.
+    #[allow(clippy::too_many_arguments)]
     fn reply_to(
         &self,
         entry: &Entry,
@@ -410,11 +435,13 @@ where
         request: &HeaderMap,
         mut ex: Exchange,
         now: Instant,
+        outcome: Outcome,
         cache_status: &str,
     ) -> Response<ProxyBody> {
         if ex.upstream.is_none() {
             ex.upstream = Some(self.upstream.clone());
         }
+        ex.cache = Some(outcome.name());
         let not_modified = conditional_matches(request, &entry.headers);
         let (status, mut headers, body) = if not_modified {
             (

@@ -330,6 +330,13 @@ pub enum Outcome {
 }
 
 const OUTCOMES: [&str; 5] = ["hit_memory", "hit_redis", "stale", "miss", "bypass"];
+
+impl Outcome {
+    /// As the metrics and the access log name it.
+    pub fn name(self) -> &'static str {
+        OUTCOMES[self as usize]
+    }
+}
 const SOURCES: [&str; 3] = ["admin", "pubsub", "unsafe_method"];
 
 /// The cache's counters: the metrics, and the hit ratio since start and over

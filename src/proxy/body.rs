@@ -31,6 +31,8 @@ pub struct Exchange {
     /// Index of the backend in `upstream.backends`.
     pub backend: Option<usize>,
     pub in_flight: Option<InFlight>,
+    /// How the route's cache served it, if it has one (`hit_memory`, `miss`...).
+    pub cache: Option<&'static str>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
     _busy: Busy,
 }
@@ -44,6 +46,7 @@ impl Exchange {
             upstream: None,
             backend: None,
             in_flight: None,
+            cache: None,
             log,
             _busy: busy,
         }
@@ -74,7 +77,7 @@ impl Drop for Exchange {
                 (Some(u), Some(b)) => u.backends[b].address.as_str(),
                 _ => m::NONE,
             };
-            logger.write(line.format(self.status, self.bytes, upstream, backend, took));
+            logger.write(line.format(self.status, self.bytes, upstream, backend, took, self.cache));
         }
     }
 }
