@@ -894,3 +894,43 @@ fn the_access_log_says_how_the_cache_served_each_request() {
         "{text}"
     );
 }
+
+#[test]
+fn the_memory_bound_holds_when_four_times_its_size_is_filled() {
+    let origin = Origin::start(|_, _| Answer {
+        body: vec![b'm'; 256 << 10],
+        ..ok(&[("cache-control", "max-age=600")], "")
+    });
+    let p = Process::start(&config(
+        &origin,
+        "    memory: 16MiB\n    max_object: 1MiB\n",
+    ));
+    assert_eq!(get_at(&p, "/warm").status, 200);
+    let before = p.rss_kib();
+    // 256 objects of 256 KiB: 64 MiB through a 16 MiB cache. Once the first
+    // 16 MiB are in, the rest replaces what is there: RSS stops growing.
+    let mut at_bound = 0;
+    for i in 0..256 {
+        if i == 64 {
+            at_bound = p.rss_kib();
+        }
+        let r = get_at(&p, &format!("/o{i}"));
+        assert_eq!((r.status, r.body.len()), (200, 256 << 10));
+    }
+    let after = p.rss_kib();
+    let status = status_json(p.admin.unwrap());
+    let bytes = status["caches"]["pages"]["bytes"].as_u64().unwrap();
+    eprintln!(
+        "64 MiB through a 16 MiB cache: it holds {bytes} bytes; RSS {before} KiB, {at_bound} KiB at 16 MiB filled, {after} KiB at 64 MiB"
+    );
+    assert!(bytes <= 16 << 20, "{bytes}");
+    assert!(
+        after.saturating_sub(at_bound) < 16 * 1024,
+        "RSS went on growing: {at_bound} to {after} KiB"
+    );
+    assert!(
+        after.saturating_sub(before) < 48 * 1024,
+        "RSS grew {} KiB",
+        after - before
+    );
+}

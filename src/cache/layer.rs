@@ -320,7 +320,8 @@ where
                 policy,
                 lifetime,
             },
-            buf: BytesMut::new(),
+            // Its length, when given, is what it will hold: no regrowth on the way.
+            buf: BytesMut::with_capacity(content_length(&parts.headers).map_or(0, |n| n as usize)),
             limit: self.cache.config.max_object,
             fill,
         };
@@ -599,11 +600,18 @@ struct Filling {
 
 impl Filling {
     fn finish(self) {
+        // A body that grew as it came may hold up to twice its length: stored
+        // at its length, it weighs what the cache counts.
+        let body = if self.buf.capacity() > self.buf.len() + self.buf.len() / 8 {
+            Bytes::copy_from_slice(&self.buf)
+        } else {
+            self.buf.freeze()
+        };
         let t = self.template;
         let entry = Entry::new(
             t.status,
             t.headers,
-            self.buf.freeze(),
+            body,
             t.vary,
             t.tags,
             t.policy,
