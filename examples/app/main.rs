@@ -14,7 +14,11 @@
 //! - `GET /`: which replica answered, the session and its visit count
 //! - `POST /cart?item=NAME`: adds an item to the session's cart; `GET /cart` shows it
 //! - `GET /report?n=N`: the primes below N, a deliberately slow computation
-//!   (about 300 ms, standing in for a slow query), cached for everyone (cache-aside)
+//!   (about 300 ms, standing in for a slow query), cached for everyone (cache-aside),
+//!   and cacheable at the edge for a minute (`Cache-Control`, `Cache-Tag: report-N`)
+//! - `POST /report/refresh?n=N`: the data behind a report changed: the app drops its
+//!   own cached value and publishes `{"tags": ["report-N"]}` on
+//!   `bascule:invalidate:edge`, so that every bascule in front drops it too
 //! - `GET /stats`: this replica's cache hits and misses, as JSON
 //! - `GET /healthz`: 200 while the store answers, 503 when Redis is unreachable
 //!
@@ -112,6 +116,7 @@ impl App {
             (&Method::GET, "/healthz") => self.health().await,
             (&Method::GET, "/stats") => Ok(self.stats()),
             (&Method::GET, "/report") => self.report(&req).await,
+            (&Method::POST, "/report/refresh") => self.refresh(&req).await,
             (&Method::GET, "/") => self.visit(&req).await,
             (&Method::GET, "/cart") => self.cart(&req, None).await,
             (&Method::POST, "/cart") => match query(&req, "item") {
@@ -160,11 +165,8 @@ impl App {
 
     /// Cache-aside: the shared cache first; on a miss, compute and store for everyone.
     async fn report(&self, req: &Request<Incoming>) -> store::Result<Reply> {
-        let n: u64 = query(req, "n")
-            .and_then(|n| n.parse().ok())
-            .filter(|n| (2..=10_000_000).contains(n))
-            .unwrap_or(1_000_000);
-        let key = format!("report:primes:{n}");
+        let n = report_n(req);
+        let key = report_key(n);
         let (count, cache) = match self.store.get(&key).await? {
             Some(count) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -183,10 +185,30 @@ impl App {
         };
         let body = format!("{}: {count} primes below {n} (cache {cache})\n", self.name);
         let mut reply = text(StatusCode::OK, &body);
-        reply
-            .headers_mut()
-            .insert("x-cache", HeaderValue::from_static(cache));
+        let headers = reply.headers_mut();
+        headers.insert("x-cache", HeaderValue::from_static(cache));
+        headers.insert(
+            "cache-control",
+            HeaderValue::from_static("public, max-age=60, stale-while-revalidate=30"),
+        );
+        if let Ok(tag) = HeaderValue::from_str(&format!("report report-{n}")) {
+            headers.insert("cache-tag", tag);
+        }
         Ok(reply)
+    }
+
+    /// The write path: what a report is made from changed. Event-based
+    /// invalidation from where the data changes.
+    async fn refresh(&self, req: &Request<Incoming>) -> store::Result<Reply> {
+        let n = report_n(req);
+        let message = format!(r#"{{"tags": ["report-{n}"]}}"#);
+        self.store
+            .drop_and_publish(&report_key(n), "bascule:invalidate:edge", &message)
+            .await?;
+        Ok(text(
+            StatusCode::OK,
+            &format!("{}: report {n} refreshed; published {message}\n", self.name),
+        ))
     }
 
     async fn visit(&self, req: &Request<Incoming>) -> store::Result<Reply> {
@@ -226,6 +248,17 @@ impl App {
         let body = format!("{}: cart [{}]\n", self.name, list.join(", "));
         Ok(with_session(text(StatusCode::OK, &body), &session, new))
     }
+}
+
+fn report_n(req: &Request<Incoming>) -> u64 {
+    query(req, "n")
+        .and_then(|n| n.parse().ok())
+        .filter(|n| (2..=10_000_000).contains(n))
+        .unwrap_or(1_000_000)
+}
+
+fn report_key(n: u64) -> String {
+    format!("report:primes:{n}")
 }
 
 /// The session ID from the cookie, or a new random one (and whether it is new).

@@ -97,6 +97,28 @@ impl Store {
         }
     }
 
+    /// Drops `key`, and tells whoever listens on `channel` (with Redis: the
+    /// edge caches in front, on `bascule:invalidate:NAME`) with `message`.
+    pub async fn drop_and_publish(&self, key: &str, channel: &str, message: &str) -> Result<()> {
+        match self {
+            Store::Redis(r) => {
+                let mut c = r.conn().await?;
+                redis::pipe()
+                    .del(key)
+                    .ignore()
+                    .publish(channel, message)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Store::Local(l) => {
+                l.lock().unwrap().values.remove(key);
+                Ok(())
+            }
+        }
+    }
+
     /// Adds `by` to `field` of the hash at `key` and renews the key's time to live;
     /// returns the whole hash.
     pub async fn bump(&self, key: &str, field: &str, by: i64) -> Result<HashMap<String, i64>> {
