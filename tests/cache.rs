@@ -932,3 +932,44 @@ fn the_memory_bound_holds_when_eight_times_its_size_is_filled() {
     );
     assert!(all < 64 * 1024, "RSS grew {all} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_share_entries_with_http1_clients() {
+    let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "both"));
+    let lb = tokio::task::spawn_blocking({
+        let yaml = config(&origin, MEMORY);
+        move || Balancer::start(&yaml)
+    })
+    .await
+    .unwrap();
+    let addr = lb.addr;
+    let first = tokio::task::spawn_blocking(move || get(addr, "/shared"))
+        .await
+        .unwrap();
+    assert_eq!(cache_status(&first), "bascule; fwd=miss; stored");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut send = h2_client(stream).await;
+    for method in [http::Method::GET, http::Method::HEAD] {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{addr}/shared"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(
+            resp.headers()["cache-status"],
+            "bascule; hit; detail=memory",
+            "{method}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let want: &[u8] = if method == http::Method::GET {
+            b"both"
+        } else {
+            b""
+        };
+        assert_eq!(&body[..], want, "{method}");
+    }
+    assert_eq!(origin.count("/shared"), 1);
+    tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
+}
