@@ -103,6 +103,18 @@ impl Entry {
                     let forwarded = proxy.forward(cx, req, host, &mut ex).await;
                     proxy::respond(cx, forwarded, ex)
                 }
+                Stack::Cached(cached) => {
+                    let req = RouteRequest {
+                        http: req,
+                        conn: cx.clone(),
+                        exchange: ex,
+                    };
+                    match cached.fresh_hit(req) {
+                        Ok(resp) => resp,
+                        // Boxed: its state would otherwise be in every request's future.
+                        Err(req) => Box::pin(cached.clone().serve(req)).await,
+                    }
+                }
                 Stack::Layered(service) => {
                     let req = RouteRequest {
                         http: req,

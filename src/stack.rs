@@ -21,6 +21,7 @@ use http::Response;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
+use crate::cache::layer::CacheService;
 use crate::config::{ListenerConfig, RouteConfig};
 use crate::proxy::{Proxy, ProxyBody, RouteRequest};
 
@@ -32,6 +33,9 @@ pub type RouteService = BoxCloneSyncService<RouteRequest, Response<ProxyBody>, I
 pub enum Stack {
     /// The proxy alone.
     Proxy(Proxy),
+    /// The proxy behind the route's cache, called as directly as the proxy:
+    /// a fresh hit is answered with no future made at all.
+    Cached(CacheService<Proxy>),
     /// The proxy inside one or more layers.
     Layered(RouteService),
 }
@@ -43,6 +47,7 @@ impl std::fmt::Debug for Stack {
                 .debug_tuple("Proxy")
                 .field(&p.upstream().config.name)
                 .finish(),
+            Stack::Cached(_) => f.write_str("Cached"),
             Stack::Layered(_) => f.write_str("Layered"),
         }
     }
@@ -62,6 +67,7 @@ impl Stack {
     {
         let inner = match self {
             Stack::Proxy(proxy) => RouteService::new(proxy),
+            Stack::Cached(cached) => RouteService::new(cached),
             Stack::Layered(service) => service,
         };
         Stack::Layered(RouteService::new(layer.layer(inner)))

@@ -23,6 +23,7 @@ use crate::proxy::Proxy;
 use crate::router::Router;
 use crate::stack::{Layers, RouteSite, Stack};
 use crate::upstream::Upstream;
+use tower::Layer;
 
 /// A route as requests run it: its upstream, and its stack of services.
 #[derive(Debug)]
@@ -127,7 +128,8 @@ impl Snapshot {
                                 .iter()
                                 .find(|c| &c.config.name == name)
                                 .expect("validation checked route caches");
-                            stack = stack.layer(CacheLayer::new(cache.clone(), upstream.clone()));
+                            let layer = CacheLayer::new(cache.clone(), upstream.clone());
+                            stack = Stack::Cached(layer.layer(Proxy::new(upstream.clone())));
                         }
                         Route {
                             upstream: upstream.clone(),

@@ -107,7 +107,7 @@ where
     /// or the request back.
     // The request comes back by value as it went in: boxing it would cost every miss.
     #[allow(clippy::result_large_err)]
-    fn fresh_hit(&self, req: RouteRequest) -> Result<Response<ProxyBody>, RouteRequest> {
+    pub fn fresh_hit(&self, req: RouteRequest) -> Result<Response<ProxyBody>, RouteRequest> {
         let http = &req.http;
         if (http.method() != Method::GET && http.method() != Method::HEAD)
             || policy::ask(http.headers()) != Ask::Plain
@@ -128,7 +128,8 @@ where
         }
     }
 
-    async fn serve(self, req: RouteRequest) -> Response<ProxyBody> {
+    /// Serves a request that `fresh_hit` gave back (or any request).
+    pub async fn serve(self, req: RouteRequest) -> Response<ProxyBody> {
         let method = req.http.method().clone();
         if method != Method::GET && method != Method::HEAD {
             return self.other_method(req).await;
