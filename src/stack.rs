@@ -67,7 +67,8 @@ impl Stack {
     {
         let inner = match self {
             Stack::Proxy(proxy) => RouteService::new(proxy),
-            Stack::Cached(cached) => RouteService::new(cached),
+            // A layer above may read the reply's fields: they go in its map.
+            Stack::Cached(cached) => RouteService::new(cached.with_encoded_heads(false)),
             Stack::Layered(service) => service,
         };
         Stack::Layered(RouteService::new(layer.layer(inner)))

@@ -129,7 +129,8 @@ impl Snapshot {
                                 .find(|c| &c.config.name == name)
                                 .expect("validation checked route caches");
                             let layer = CacheLayer::new(cache.clone(), upstream.clone());
-                            stack = Stack::Cached(layer.layer(Proxy::new(upstream.clone())));
+                            let cached = layer.layer(Proxy::new(upstream.clone()));
+                            stack = Stack::Cached(cached.with_encoded_heads(true));
                         }
                         Route {
                             upstream: upstream.clone(),

@@ -973,3 +973,35 @@ async fn http2_clients_share_entries_with_http1_clients() {
     assert_eq!(origin.count("/shared"), 1);
     tokio::task::spawn_blocking(move || drop(lb)).await.unwrap();
 }
+
+#[test]
+fn a_hit_written_from_its_stored_fields_has_each_field_once() {
+    let origin =
+        Origin::start(|_, _| ok(&[("cache-control", "max-age=60"), ("x-kept", "1")], "once"));
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let request = format!(
+        "GET /once HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        lb.addr
+    );
+    for round in 0..2 {
+        let raw = String::from_utf8(raw_exchange(lb.addr, request.as_bytes())).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let count = |name: &str| {
+            head.lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+                .count()
+        };
+        for name in [
+            "date",
+            "content-length",
+            "cache-control",
+            "x-kept",
+            "cache-status",
+            "connection",
+        ] {
+            assert_eq!(count(name), 1, "round {round}, {name}:\n{head}");
+        }
+        assert_eq!(count("age"), round, "round {round}:\n{head}");
+        assert_eq!(body, "once");
+    }
+}

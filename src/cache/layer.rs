@@ -15,7 +15,7 @@ use http::header::{
     HeaderMap, HeaderName, HeaderValue, AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_LOCATION, DATE,
     ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE, VARY,
 };
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either};
 use tower::{Layer, Service, ServiceExt};
@@ -53,6 +53,7 @@ impl<S> Layer<S> for CacheLayer {
             cache: self.cache.clone(),
             upstream: self.upstream.clone(),
             inner,
+            encoded_heads: false,
         }
     }
 }
@@ -62,6 +63,18 @@ pub struct CacheService<S> {
     cache: Arc<Cache>,
     upstream: Arc<Upstream>,
     inner: S,
+    /// Replies to HTTP/1 clients carry the entry's fields encoded once
+    /// (`EncodedFields`), not a copy of its map: only where no layer above
+    /// reads the reply's fields.
+    encoded_heads: bool,
+}
+
+impl<S> CacheService<S> {
+    /// Replies with fields encoded once per entry: for a cache nothing wraps.
+    pub fn with_encoded_heads(mut self, on: bool) -> Self {
+        self.encoded_heads = on;
+        self
+    }
 }
 
 impl<S> Service<RouteRequest> for CacheService<S>
@@ -253,8 +266,7 @@ where
                 };
                 return self.reply_to(
                     &entry,
-                    &client.method,
-                    &client.headers,
+                    (&client.method, client.version, &client.headers),
                     ex,
                     Instant::now(),
                     Outcome::Stale,
@@ -270,8 +282,7 @@ where
                         format!("bascule; fwd=stale; fwd-status={}", status.as_u16());
                     return self.reply_to(
                         &stale,
-                        &client.method,
-                        &client.headers,
+                        (&client.method, client.version, &client.headers),
                         ex,
                         now,
                         Outcome::Stale,
@@ -417,8 +428,7 @@ where
         let RouteRequest { http, exchange, .. } = req;
         self.reply_to(
             entry,
-            http.method(),
-            http.headers(),
+            (http.method(), http.version(), http.headers()),
             exchange,
             now,
             outcome,
@@ -433,8 +443,7 @@ where
     fn reply_to(
         &self,
         entry: &Entry,
-        method: &Method,
-        request: &HeaderMap,
+        (method, version, request): (&Method, Version, &HeaderMap),
         mut ex: Exchange,
         now: Instant,
         outcome: Outcome,
@@ -445,29 +454,63 @@ where
         }
         ex.cache = Some(outcome.name());
         let not_modified = conditional_matches(request, &entry.headers);
+        let encoded = self.encoded_heads && version != Version::HTTP_2 && !not_modified;
         let (status, mut headers, body) = if not_modified {
             (
                 StatusCode::NOT_MODIFIED,
                 not_modified_fields(&entry.headers),
                 Bytes::new(),
             )
-        } else if method == Method::HEAD {
-            (entry.status, entry.headers.clone(), Bytes::new())
+        } else if encoded {
+            // The map holds only what frames the body: a GET's length comes
+            // from the body itself, a HEAD's must be given.
+            let mut headers = HeaderMap::new();
+            let body = if method == Method::HEAD {
+                if let Some(length) = entry.headers.get(CONTENT_LENGTH) {
+                    headers.insert(CONTENT_LENGTH, length.clone());
+                }
+                Bytes::new()
+            } else {
+                entry.body.clone()
+            };
+            (entry.status, headers, body)
         } else {
-            (entry.status, entry.headers.clone(), entry.body.clone())
+            let body = if method == Method::HEAD {
+                Bytes::new()
+            } else {
+                entry.body.clone()
+            };
+            (entry.status, entry.headers.clone(), body)
         };
-        headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
-        let value = match cache_status {
-            HIT_MEMORY => Ok(HeaderValue::from_static(HIT_MEMORY)),
-            other => HeaderValue::from_str(other),
-        };
-        if let Ok(v) = value {
-            headers.insert(CACHE_STATUS, v);
+        let age = entry.age(now).as_secs();
+        let mut fields = None;
+        if encoded {
+            let mut own = Vec::with_capacity(48 + cache_status.len());
+            own.extend_from_slice(b"age: ");
+            own.extend_from_slice(age.to_string().as_bytes());
+            own.extend_from_slice(b"\r\ncache-status: ");
+            own.extend_from_slice(cache_status.as_bytes());
+            own.extend_from_slice(b"\r\n");
+            let mut f = entry.encoded.clone();
+            f.lines[0] = Bytes::from(own);
+            fields = Some(f);
+        } else {
+            headers.insert(AGE, HeaderValue::from(age));
+            let value = match cache_status {
+                HIT_MEMORY => Ok(HeaderValue::from_static(HIT_MEMORY)),
+                other => HeaderValue::from_str(other),
+            };
+            if let Ok(v) = value {
+                headers.insert(CACHE_STATUS, v);
+            }
         }
         ex.status = status.as_u16();
         let mut resp = Response::new(ProxyBody::local(body, Some(ex)));
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
+        if let Some(f) = fields {
+            resp.extensions_mut().insert(f);
+        }
         resp
     }
 }

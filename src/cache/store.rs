@@ -7,7 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, AGE, ETAG, LAST_MODIFIED};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AGE, CONNECTION, CONTENT_LENGTH, DATE, ETAG, LAST_MODIFIED,
+    TRANSFER_ENCODING,
+};
+
+use crate::http1::serve::EncodedFields;
 
 /// RFC 9211's field, which every reply on a cached route carries.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -41,6 +46,34 @@ pub struct Entry {
     stored: Instant,
     /// And on the wall clock, for the Redis tier's copy.
     pub stored_at: SystemTime,
+    /// Its fields encoded for HTTP/1 once, but those each reply sets and
+    /// those that frame the body.
+    pub encoded: EncodedFields,
+}
+
+fn encode(headers: &HeaderMap) -> EncodedFields {
+    let mut lines = Vec::new();
+    for (name, value) in headers {
+        if [
+            AGE,
+            CACHE_STATUS,
+            CONTENT_LENGTH,
+            TRANSFER_ENCODING,
+            CONNECTION,
+        ]
+        .contains(name)
+        {
+            continue;
+        }
+        lines.extend_from_slice(name.as_str().as_bytes());
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(value.as_bytes());
+        lines.extend_from_slice(b"\r\n");
+    }
+    EncodedFields {
+        lines: [Bytes::new(), Bytes::from(lines)],
+        dated: headers.contains_key(DATE),
+    }
 }
 
 /// Where an entry stands in its life, for a request now.
@@ -73,7 +106,9 @@ impl Entry {
         headers.remove(CACHE_STATUS);
         headers.insert(AGE, HeaderValue::from_static("0"));
         headers.insert(CACHE_STATUS, HeaderValue::from_static("bascule"));
+        let encoded = encode(&headers);
         Entry {
+            encoded,
             status,
             headers,
             body,
@@ -141,7 +176,8 @@ impl Entry {
             .map(|(n, v)| n.as_str().len() + v.as_ref().map_or(0, HeaderValue::len) + 32)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        ENTRY_OVERHEAD + self.body.len() + fields + vary + tags
+        let encoded = self.encoded.lines[1].len();
+        ENTRY_OVERHEAD + self.body.len() + fields + encoded + vary + tags
     }
 }
 

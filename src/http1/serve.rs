@@ -915,6 +915,20 @@ impl Drop for Inbound {
     }
 }
 
+/// Field lines a service has already encoded (`name: value\r\n` each), in a
+/// reply's extensions: written after the reply's own fields, as they are, so
+/// that a reply made from stored fields is not copied into a map to be
+/// encoded again. They must not hold the fields this module reads or writes
+/// for framing (`Content-Length`, `Transfer-Encoding`, `Connection`), which
+/// stay in the map; `dated`: they hold a `Date`. HTTP/2 replies (hyper's)
+/// do not read them.
+#[derive(Clone, Debug, Default)]
+pub struct EncodedFields {
+    /// Written in order: a reply's own lines, then those it shares (stored ones).
+    pub lines: [Bytes; 2],
+    pub dated: bool,
+}
+
 /// A request body as the service sees it: frames read from the client's
 /// connection as they are asked for.
 #[derive(Debug)]
@@ -1049,7 +1063,10 @@ fn encode_reply_head(
         ReplyFraming::Length(n) if n as usize <= super::GATHER => n as usize,
         _ => 0,
     };
-    let mut head = BytesMut::with_capacity(256 + 64 * parts.headers.len() + small_body);
+    let encoded = parts.extensions.get::<EncodedFields>();
+    let encoded_len = encoded.map_or(0, |e| e.lines[0].len() + e.lines[1].len());
+    let mut head =
+        BytesMut::with_capacity(256 + 64 * parts.headers.len() + encoded_len + small_body);
     if status == StatusCode::OK {
         head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -1066,6 +1083,11 @@ fn encode_reply_head(
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
+    }
+    if let Some(e) = encoded {
+        head.extend_from_slice(&e.lines[0]);
+        head.extend_from_slice(&e.lines[1]);
+        dated |= e.dated;
     }
     if !dated {
         head.extend_from_slice(b"date: ");
