@@ -804,19 +804,37 @@ fn two_instances_share_fills_and_every_purge_reaches_both() {
         );
     }
     let message = format!(r#"{{"urls": ["http://{host}/cart"]}}"#);
+    let heard = |p: &Process| -> f64 {
+        let metrics = get(p.admin.unwrap(), "/metrics").body;
+        let series = r#"bascule_cache_invalidations_total{cache="pages",source="pubsub"}"#;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = [heard(&a), heard(&b)];
     assert!(redis_cmd(
         redis.port,
         &["PUBLISH", "bascule:invalidate:pages", &message]
     )
     .starts_with(":2"));
-    // (Asked with HEAD, which does not fill: a GET would refill Redis for the other.)
-    for p in [&a, &b] {
+    for (p, before) in [&a, &b].into_iter().zip(before) {
         wait_until(Duration::from_secs(2), "the application's purge", || {
-            cache_status(&http1(p.addrs[0], "HEAD", "/cart", &[])) == "bascule; fwd=miss"
+            heard(p) > before
         });
     }
+    // Gone from Redis and from both memories: A misses; B, after A's refill,
+    // finds it in Redis, not in its memory.
     let k = format!("bascule:pages:e:http://{host}/cart");
     assert!(redis_cmd(redis.port, &["EXISTS", &k]).starts_with(":0"));
+    assert_eq!(
+        cache_status(&get_at(&a, "/cart")),
+        "bascule; fwd=miss; stored"
+    );
+    assert_ne!(
+        cache_status(&get_at(&b, "/cart")),
+        "bascule; hit; detail=memory"
+    );
 }
 
 #[test]
@@ -1004,4 +1022,30 @@ fn a_hit_written_from_its_stored_fields_has_each_field_once() {
         assert_eq!(count("age"), round, "round {round}:\n{head}");
         assert_eq!(body, "once");
     }
+}
+
+#[test]
+fn a_head_that_misses_fills_with_a_get() {
+    let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "filled by a HEAD"));
+    let lb = Balancer::start(&config(&origin, MEMORY));
+    let head = http1(lb.addr, "HEAD", "/h", &[]);
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    assert_eq!(head.headers["content-length"], "16");
+    assert_eq!(cache_status(&head), "bascule; fwd=miss; stored");
+    wait_until(Duration::from_secs(5), "the fill to be stored", || {
+        cache_status(&http1(lb.addr, "HEAD", "/h", &[])) == "bascule; hit; detail=memory"
+    });
+    let get = get(lb.addr, "/h");
+    assert_eq!(
+        (get.body.as_str(), cache_status(&get)),
+        ("filled by a HEAD", "bascule; hit; detail=memory")
+    );
+    let methods: Vec<String> = origin
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.method.to_string())
+        .collect();
+    assert_eq!(methods, ["GET"]);
 }

@@ -180,12 +180,10 @@ where
                 return self.reply(entry, req, now, Outcome::Stale, "bascule; fwd=stale");
             }
         }
-        if method == Method::HEAD {
-            // Filled by GETs only; a HEAD that misses goes on as it is.
-            self.cache.stats.count(Outcome::Miss);
-            return with_status(self.forward(req, Outcome::Miss).await, "bascule; fwd=miss");
-        }
         match self.cache.join(&key) {
+            Join::Lead(fill) if method == Method::HEAD => {
+                self.fill_for_head(req, fill, found).await
+            }
             Join::Lead(fill) => self.fill(req, fill, found).await,
             Join::Wait(mut rx) => {
                 let filled = match rx.wait_for(Option::is_some).await {
@@ -205,6 +203,37 @@ where
                 }
             }
         }
+    }
+
+    /// A HEAD that misses fills with a GET, as NGINX does
+    /// (`proxy_cache_convert_head`): the client gets the head, and the body is
+    /// read to its end in the background to be stored (up to `max_object`; a
+    /// response that is not being stored is not read on).
+    async fn fill_for_head(
+        &self,
+        mut req: RouteRequest,
+        fill: Fill,
+        stale: Option<Arc<Entry>>,
+    ) -> Response<ProxyBody> {
+        *req.http.method_mut() = Method::GET;
+        let (parts, mut body) = self.fill(req, fill, stale).await.into_parts();
+        let storing = parts
+            .headers
+            .get(CACHE_STATUS)
+            .is_some_and(|v| v.as_bytes().ends_with(b"stored"));
+        if storing {
+            let limit = self.cache.config.max_object;
+            tokio::spawn(async move {
+                let mut read = 0u64;
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > limit {
+                        break;
+                    }
+                }
+            });
+        }
+        Response::from_parts(parts, ProxyBody::local(Bytes::new(), None))
     }
 
     /// Goes to the backend for `fill`'s key, revalidating `stale` when there
