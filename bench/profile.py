@@ -11,6 +11,10 @@
   reuse               new backend connections per 1 000 requests, keep-alive clients and
                       clients opening a connection per request (from /metrics)
 
+--max-connections N gives bascule's upstream that per-backend limit: high, to see what the limit
+costs a request that never waits; 1, for 64 clients on three backends, to see what a request
+that waits in the queue and is handed its place costs.
+
 Run from the project root after `cargo build --release`. Needs nginx-light, wrk, nghttp2-client
 (h2load), valgrind and openssl (Debian packages). The balancer runs on core 0; the three NGINX
 backends and the load on core 1, as in compare.py. Ports 18080 to 18082, 18443 and 19001-19003
@@ -39,7 +43,7 @@ def nginx_head(d, name):
             f"events {{ worker_connections 16384; }}\n")
 
 
-def write_configs(d):
+def write_configs(d, max_connections=None):
     with open(f"{d}/cached.bin", "wb") as f:
         f.write(b"c" * 4096)
     servers = "".join(f"""
@@ -76,6 +80,7 @@ def write_configs(d):
                     "-nodes", "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem", "-days", "2",
                     "-subj", "/CN=localhost"], check=True, capture_output=True)
     backends = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
+    limit = f"    max_connections: {max_connections}\n" if max_connections else ""
     open(f"{d}/bascule.yaml", "w").write(f"""admin:
   bind: 127.0.0.1:{ADMIN}
 caches:
@@ -98,7 +103,7 @@ listeners:
 upstreams:
   app:
     balance: round_robin
-    backends:
+{limit}    backends:
 {backends}""")
 
 
@@ -256,6 +261,7 @@ async def idle_tls(d, conns):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-connections", type=int, help="bascule's per-backend limit")
     sub = ap.add_subparsers(dest="what", required=True)
     ins = sub.add_parser("instructions")
     ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake", "cached"])
@@ -274,7 +280,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="bascule-profile-") as d:
         os.chmod(d, 0o755)
-        write_configs(d)
+        write_configs(d, args.max_connections)
         backends = start(["nginx", "-p", d, "-c", f"{d}/backends.conf"], 1)
         try:
             if args.what == "instructions":

@@ -139,30 +139,41 @@ impl RequestLine {
     }
 
     /// The finished line, newline included.
-    pub fn format(
-        &self,
-        status: u16,
-        bytes: u64,
-        upstream: &str,
-        backend: &str,
-        took: Duration,
-        cache: Option<&str>,
-    ) -> String {
-        let cache = cache.map_or(String::new(), |c| format!(" cache={c}"));
+    pub fn format(&self, o: &Outcome<'_>) -> String {
+        let queued = if o.queued.is_zero() {
+            String::new()
+        } else {
+            format!(" queued={:.6}", o.queued.as_secs_f64())
+        };
+        let cache = o.cache.map_or(String::new(), |c| format!(" cache={c}"));
         format!(
-            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}{cache}\n",
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}{queued}{cache}\n",
             self.client,
             clf_time(self.time),
             escape(&self.request),
-            status,
-            bytes,
+            o.status,
+            o.bytes,
             escape(&self.referer),
             escape(&self.user_agent),
-            upstream,
-            backend,
-            took.as_secs_f64()
+            o.upstream,
+            o.backend,
+            o.took.as_secs_f64()
         )
     }
+}
+
+/// What became of a request, for its line.
+#[derive(Debug, Default)]
+pub struct Outcome<'a> {
+    pub status: u16,
+    pub bytes: u64,
+    pub upstream: &'a str,
+    pub backend: &'a str,
+    pub took: Duration,
+    /// Time spent in the upstream's queue; zero (not written) when it did not wait.
+    pub queued: Duration,
+    /// The cache's result, on a cached route.
+    pub cache: Option<&'a str>,
 }
 
 fn escape(s: &str) -> String {
@@ -219,27 +230,37 @@ mod tests {
             .unwrap();
         let mut line = RequestLine::capture(&req, "10.0.0.1".parse().unwrap());
         line.time = UNIX_EPOCH;
-        let s = line.format(
-            200,
-            12,
-            "app",
-            "127.0.0.1:9001",
-            Duration::from_millis(3),
-            None,
-        );
+        let s = line.format(&Outcome {
+            status: 200,
+            bytes: 12,
+            upstream: "app",
+            backend: "127.0.0.1:9001",
+            took: Duration::from_millis(3),
+            ..Outcome::default()
+        });
         assert_eq!(
             s,
             "10.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl \\\"x\\\"\" upstream=app backend=127.0.0.1:9001 duration=0.003000\n"
         );
         // On a cached route, how the cache served it.
-        let s = line.format(
-            200,
-            12,
-            "app",
-            "none",
-            Duration::from_millis(3),
-            Some("hit_memory"),
-        );
+        let s = line.format(&Outcome {
+            status: 200,
+            bytes: 12,
+            upstream: "app",
+            backend: "none",
+            took: Duration::from_millis(3),
+            cache: Some("hit_memory"),
+            ..Outcome::default()
+        });
         assert!(s.ends_with(" duration=0.003000 cache=hit_memory\n"), "{s}");
+        // A request that waited for a backend says how long.
+        let s = line.format(&Outcome {
+            status: 200,
+            upstream: "app",
+            took: Duration::from_millis(300),
+            queued: Duration::from_millis(250),
+            ..Outcome::default()
+        });
+        assert!(s.ends_with(" duration=0.300000 queued=0.250000\n"), "{s}");
     }
 }

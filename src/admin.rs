@@ -200,6 +200,10 @@ fn drain(state: &State, rest: &str) -> Response<Full<Bytes>> {
         );
     };
     backend.state.set_draining(draining);
+    if let Some(u) = snapshot.upstream(upstream) {
+        // Requests waiting for room may now use it.
+        u.load.dispatch();
+    }
     tracing::info!(
         upstream,
         backend = address,
@@ -249,12 +253,17 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                         "draining": b.state.is_draining(),
                         "ejected": b.state.ejected_for().is_some(),
                         "active_requests": b.state.active_requests(),
+                        "max_connections": b.state.limit(),
                     })
                 })
                 .collect();
             (
                 u.config.name.clone(),
-                json!({ "balance": u.config.balance.name(), "backends": backends }),
+                json!({
+                    "balance": u.config.balance.name(),
+                    "backends": backends,
+                    "queue_depth": u.load.waiting(),
+                }),
             )
         })
         .collect();
@@ -294,6 +303,8 @@ fn metrics(snapshot: &Snapshot) -> String {
                 .set(f64::from(u8::from(b.state.is_healthy())));
             metrics::gauge!(m::BACKEND_ACTIVE, &labels).set(b.state.active_requests() as f64);
         }
+        let labels = [("upstream", u.config.name.clone())];
+        metrics::gauge!(m::QUEUE_DEPTH, &labels).set(u.load.waiting() as f64);
     }
     for c in &snapshot.caches {
         let labels = [("cache", c.config.name.clone())];

@@ -40,6 +40,10 @@ pub struct BackendState {
     pub(crate) ejections: AtomicU32,
     /// When the backend last came (back) into rotation, for slow start; 0: not ramping.
     pub(crate) ramp_started: AtomicU64,
+    /// `max_connections`: requests in flight at once; `usize::MAX` when unlimited.
+    /// Here rather than in `Backend` so that a reload's new limit reaches the
+    /// requests already queued on the old snapshot.
+    limit: AtomicUsize,
 }
 
 impl Default for BackendState {
@@ -59,6 +63,7 @@ impl BackendState {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             ramp_started: AtomicU64::new(0),
+            limit: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -126,25 +131,43 @@ impl BackendState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Counts a request as in flight, here and in its upstream's `total`, until
-    /// the returned guard is dropped.
-    pub fn begin_request(self: &Arc<Self>, total: &Arc<AtomicUsize>) -> InFlight {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        total.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone(), total.clone())
+    /// Its `max_connections`, if it has one.
+    pub fn limit(&self) -> Option<usize> {
+        Some(self.limit.load(Ordering::Relaxed)).filter(|&l| l != usize::MAX)
     }
-}
 
-/// Keeps one request counted in `BackendState::active_requests`. It rides with the
-/// response body, so the count drops when the body ends or the client goes away,
-/// not when the headers arrive.
-#[derive(Debug)]
-pub struct InFlight(Arc<BackendState>, Arc<AtomicUsize>);
+    pub fn set_limit(&self, limit: Option<usize>) {
+        self.limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.1.fetch_sub(1, Ordering::Relaxed);
+    /// Below its `max_connections` (always, without one).
+    pub fn has_room(&self) -> bool {
+        self.active.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight, whatever the limit.
+    pub(crate) fn acquire(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request in flight if that keeps the backend within its limit:
+    /// exact across threads, where a check then an increment would let two
+    /// workers both take the last place.
+    pub(crate) fn try_acquire(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.active
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Ends a request's count. Sequentially consistent with the queue's
+    /// count of waiters (`queue::Load`): whoever comes second of a release
+    /// and a request joining the queue sees the other.
+    pub(crate) fn release(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -184,5 +207,31 @@ impl Backend {
             probe_tls,
             requests: RequestCounters::new(upstream, &config.address),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_holds_exactly_when_threads_race_for_the_last_place() {
+        let state = Arc::new(BackendState::default());
+        state.set_limit(Some(2));
+        let peak = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        if state.try_acquire() {
+                            peak.fetch_max(state.active_requests(), Ordering::Relaxed);
+                            state.release();
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(peak.load(Ordering::Relaxed), 2);
+        assert_eq!(state.active_requests(), 0);
     }
 }

@@ -24,9 +24,23 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, Default)]
 pub struct Activity {
     active: AtomicU32,
+    /// Of those, the ones waiting in an upstream's queue: an HTTP/1
+    /// connection watches its socket meanwhile, to notice a client that
+    /// leaves (HTTP/2 tells of it by resetting the stream).
+    waiting: AtomicU32,
 }
 
 impl Activity {
+    /// Marks a request of this connection as waiting, until the guard drops.
+    pub fn wait(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self.clone())
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.active.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
@@ -44,6 +58,16 @@ pub struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request waiting in a queue; dropping it ends the wait.
+#[derive(Debug)]
+pub struct Waiting(Arc<Activity>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -18,6 +18,12 @@ pub enum ProxyError {
     NoRoute,
     #[error("no healthy backend is available")]
     NoBackend,
+    /// Every backend it may use is at its `max_connections`, and `queue.size`
+    /// requests wait already.
+    #[error("every backend is at its connection limit and the queue is full")]
+    QueueFull,
+    #[error("no backend had room within the queue's timeout")]
+    QueueTimeout,
     #[error("the backend could not be reached")]
     Connect,
     /// The request was sent, wholly or in part, and the connection ended
@@ -43,7 +49,9 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::QueueFull | ProxyError::QueueTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect | ProxyError::Closed | ProxyError::Broken => {
                 StatusCode::BAD_GATEWAY
             }
@@ -62,6 +70,11 @@ impl ProxyError {
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         )
+    }
+
+    /// Turned away by the queue: worth trying again in a moment (`Retry-After`).
+    pub fn is_queue(self) -> bool {
+        matches!(self, ProxyError::QueueFull | ProxyError::QueueTimeout)
     }
 
     /// A failed exchange with a backend (rather than no backend to try, or a timeout).

@@ -211,6 +211,8 @@ struct Target {
     state: Arc<BackendState>,
     config: HealthCheckConfig,
     passive: Option<PassiveConfig>,
+    /// Its upstream's queue: a backend back in rotation serves waiting requests.
+    load: Arc<crate::queue::Load>,
 }
 
 impl Target {
@@ -250,6 +252,7 @@ impl Target {
                 self.state.set_healthy(up);
                 if up {
                     self.state.start_ramp(now_ms());
+                    self.load.dispatch();
                 }
                 transitions[usize::from(up)].increment(1);
                 let why = match &result {
@@ -267,6 +270,7 @@ impl Target {
                 passes_while_ejected += 1;
                 if passes_while_ejected >= rule.rise {
                     self.state.ejected_until.store(now_ms(), Ordering::Relaxed);
+                    self.load.dispatch();
                     tracing::info!(upstream = %self.upstream, backend = %self.address, "ejection ended by health checks");
                 }
             } else {
@@ -322,6 +326,7 @@ impl HealthChecks {
                 state: backend.state.clone(),
                 config: probing.0.clone(),
                 passive: upstream.config.passive.clone(),
+                load: upstream.load.clone(),
             };
             let transitions = [
                 crate::metrics::health_transition(&key.0, &key.1, false),

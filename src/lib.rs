@@ -33,6 +33,8 @@ pub mod health;
 #[forbid(unsafe_code)]
 pub mod http1;
 #[forbid(unsafe_code)]
+pub mod listener_limit;
+#[forbid(unsafe_code)]
 pub mod metrics;
 #[forbid(unsafe_code)]
 pub mod pool;
@@ -40,6 +42,8 @@ pub mod pool;
 pub mod preview;
 #[forbid(unsafe_code)]
 pub mod proxy;
+#[forbid(unsafe_code)]
+pub mod queue;
 #[forbid(unsafe_code)]
 pub mod router;
 #[forbid(unsafe_code)]

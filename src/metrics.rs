@@ -23,6 +23,9 @@ pub const CACHE_REQUESTS: &str = "bascule_cache_requests_total";
 pub const CACHE_INVALIDATIONS: &str = "bascule_cache_invalidations_total";
 pub const CACHE_BYTES: &str = "bascule_cache_bytes";
 pub const CACHE_ENTRIES: &str = "bascule_cache_entries";
+pub const QUEUE_DEPTH: &str = "bascule_queue_depth";
+pub const QUEUE_WAIT: &str = "bascule_queue_wait_seconds";
+pub const QUEUE_REJECTED: &str = "bascule_queue_rejected_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -41,6 +44,9 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), DURATION_BUCKETS)
+            })
             .expect("the bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -90,6 +96,18 @@ impl RequestCounters {
 pub fn request_duration(upstream: &str) -> Histogram {
     handle();
     metrics::histogram!(REQUEST_DURATION, "upstream" => upstream.to_string())
+}
+
+/// How long requests waited in an upstream's queue for a backend with room.
+pub fn queue_wait(upstream: &str) -> Histogram {
+    handle();
+    metrics::histogram!(QUEUE_WAIT, "upstream" => upstream.to_string())
+}
+
+/// Requests the queue turned away: `full` or `timeout`.
+pub fn queue_rejected(upstream: &str, reason: &'static str) -> Counter {
+    handle();
+    metrics::counter!(QUEUE_REJECTED, "upstream" => upstream.to_string(), "reason" => reason)
 }
 
 /// New TCP connections opened to a backend: with `bascule_requests_total`, it shows connection reuse.

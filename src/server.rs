@@ -259,7 +259,14 @@ fn control(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = reloaded.notified() => checks.sync(&state.load().upstreams),
+                _ = reloaded.notified() => {
+                    let snapshot = state.load();
+                    checks.sync(&snapshot.upstreams);
+                    // New limits, or new backends, may make room for waiting requests.
+                    for upstream in &snapshot.upstreams {
+                        upstream.load.dispatch();
+                    }
+                }
                 Some(socket) = admin_sockets.recv() => {
                     if let Some(stop) = admin_stop.take() {
                         stop.cancel();
@@ -273,6 +280,9 @@ fn control(
                 _ = tick.tick() => {
                     for upstream in &state.load().upstreams {
                         upstream.retry_budget.top_up();
+                        // An ejection that ran out makes room for waiting requests
+                        // without an event: this catches it.
+                        upstream.load.dispatch();
                     }
                     // Histograms are kept in blocks that the exporter folds in on upkeep.
                     crate::metrics::handle().run_upkeep();
@@ -407,14 +417,40 @@ impl Worker {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // At its max_connections, the listener holds the connection
+                    // it has just accepted unserved, and accepts no other: the
+                    // rest wait in the kernel's backlog. Taking the place after
+                    // the accept, not before, keeps an idle worker from holding
+                    // one that a busy worker's connection needs.
+                    let limit = self
+                        .state
+                        .load()
+                        .listener(key)
+                        .map(|l| l.connections.clone());
+                    let place = match limit {
+                        Some(limit) if limit.is_limited() => tokio::select! {
+                            _ = stop.cancelled() => return,
+                            place = limit.acquire() => Some(place),
+                        },
+                        _ => None,
+                    };
                     let at = Accepted {
                         peer,
                         key,
                         tunnels: connections.clone(),
                         stop: stop.clone(),
                     };
-                    if let Some(task) = self.clone().serve(stream, at) {
-                        connections.spawn(task);
+                    match (self.clone().serve(stream, at), place) {
+                        (Some(task), None) => {
+                            connections.spawn(task);
+                        }
+                        (Some(task), Some(place)) => {
+                            connections.spawn(async move {
+                                task.await;
+                                drop(place);
+                            });
+                        }
+                        (None, _) => {}
                     }
                 }
                 Err(e) => {
@@ -478,11 +514,13 @@ impl Worker {
         at: Accepted,
         limits: Limits,
     ) -> impl std::future::Future<Output = ()> + Send {
-        let entry = self.entry(&at, tls, Arc::default());
+        let activity = Arc::<Activity>::default();
+        let entry = self.entry(&at, tls, activity.clone());
         let conn = http1::serve::Connection {
             peer: at.peer,
             tls,
             limits: limits.http1,
+            activity,
         };
         let stop = at.stop.clone();
         let http2 = (!tls).then_some(move |io: S, read: Bytes| {

@@ -17,6 +17,7 @@ use crate::backend_tls::Connector;
 use crate::cache::layer::CacheLayer;
 use crate::cache::Cache;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
+use crate::listener_limit::ConnectionLimit;
 use crate::metrics as m;
 use crate::pool::{Pool, PoolSettings};
 use crate::proxy::Proxy;
@@ -39,6 +40,9 @@ pub struct ListenerRoutes {
     pub routes: Vec<Route>,
     /// For TLS listeners: the handshake with this config's certificates.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Its `max_connections` and the connections counted against it; kept
+    /// across reloads with the bind address.
+    pub connections: Arc<ConnectionLimit>,
 }
 
 impl std::fmt::Debug for ListenerRoutes {
@@ -138,6 +142,12 @@ impl Snapshot {
                         }
                     })
                     .collect(),
+                connections: {
+                    let old = previous.and_then(|p| p.listener(l.bind));
+                    let limit = old.map(|o| o.connections.clone()).unwrap_or_default();
+                    limit.set_max(l.max_connections);
+                    limit
+                },
                 tls: l.tls.as_ref().and_then(|t| {
                     match crate::tls::server_config(&t.certificates, &t.protocols) {
                         Ok(config) => Some(tokio_rustls::TlsAcceptor::from(config)),
@@ -202,6 +212,7 @@ fn build_upstream(
                 }
                 Arc::new(state)
             });
+            state.set_limit(b.max_connections.or(config.max_connections));
             let (proxy_tls, probe_tls) = tls_connectors(config, b).unzip();
             let pool = match old {
                 Some(old) if same_tls && old.pool.settings() == settings => old.pool.clone(),
@@ -216,8 +227,15 @@ fn build_upstream(
             Backend::new(&config.name, b, state, pool, probe_tls)
         })
         .collect();
-    let in_flight = previous.map_or_else(Default::default, |p| p.in_flight.clone());
-    Upstream::new(config.clone(), backends, in_flight)
+    // A backend the reload removes takes no new requests from the old
+    // snapshot either: its retries, and requests queued on it, go elsewhere.
+    for old in previous.iter().flat_map(|p| &p.backends) {
+        if !config.backends.iter().any(|b| b.address == old.address) {
+            old.state.set_draining(true);
+        }
+    }
+    let load = previous.map_or_else(Default::default, |p| p.load.clone());
+    Upstream::new(config.clone(), backends, load)
 }
 
 /// The connectors for a backend's requests and probes, with upstream TLS.

@@ -1,7 +1,7 @@
 //! An upstream: a named group of backends, how to choose among them, how to
 //! reach them, and when to try another.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics::{Counter, Histogram};
@@ -10,6 +10,7 @@ use crate::backend::Backend;
 use crate::balance::{LeastConnections, Ring, RoundRobin, Selector};
 use crate::config::{Balance, RetryBudgetConfig, UpstreamConfig};
 use crate::metrics::{self as m, RequestCounters};
+use crate::queue::{Admission, Admit, InFlight, Load, Rejected, Want};
 use crate::sticky::Sticky;
 
 #[derive(Debug)]
@@ -20,8 +21,15 @@ pub struct Upstream {
     /// In config order; selectors answer with indexes into this.
     pub backends: Vec<Backend>,
     selector: Selector,
-    /// Requests in flight to all its backends; kept across reloads with the upstream's name.
-    pub in_flight: Arc<AtomicUsize>,
+    /// Requests in flight to all its backends, and its queue; kept across
+    /// reloads with the upstream's name.
+    pub load: Arc<Load>,
+    /// Whether any backend has a `max_connections`: if none has, requests
+    /// never queue, and no limit is checked.
+    limited: bool,
+    pub queue_wait: Histogram,
+    /// `bascule_queue_rejected_total`, by `Rejected::Full` and `Rejected::Timeout`.
+    queue_rejected: [Counter; 2],
     pub retry_budget: RetryBudget,
     pub retried: Counter,
     pub sticky: Option<Sticky>,
@@ -35,18 +43,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
-        config: Arc<UpstreamConfig>,
-        backends: Vec<Backend>,
-        in_flight: Arc<AtomicUsize>,
-    ) -> Self {
+    pub fn new(config: Arc<UpstreamConfig>, backends: Vec<Backend>, load: Arc<Load>) -> Self {
         let sticky = config.sticky.as_ref().map(|s| {
             let addresses: Vec<&str> = backends.iter().map(|b| b.address.as_str()).collect();
             Sticky::new(s, &config.name, &addresses)
         });
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Upstream {
-            in_flight,
+            load,
+            limited: backends.iter().any(|b| b.state.limit().is_some()),
+            queue_wait: m::queue_wait(&config.name),
+            queue_rejected: [
+                m::queue_rejected(&config.name, "full"),
+                m::queue_rejected(&config.name, "timeout"),
+            ],
             selector: match config.balance {
                 Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(&weights)),
                 Balance::LeastConnections => {
@@ -77,13 +87,42 @@ impl Upstream {
     /// `fail_open`, unusable backends are tried when no usable one is left.
     /// `key` is the request's consistent-hashing key, if it has one.
     pub fn pick_index(&self, tried: &[usize], key: Option<u64>) -> Option<usize> {
-        let untried = |i: usize| !tried.contains(&i);
+        self.pick_where(tried, key, |_| true)
+    }
+
+    /// As `pick_index`, among the backends `allowed` allows.
+    fn pick_where(
+        &self,
+        tried: &[usize],
+        key: Option<u64>,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let untried = |i: usize| !tried.contains(&i) && allowed(i);
         let load = |i: usize| self.backends[i].state.active_requests();
-        let total = || self.in_flight.load(Ordering::Relaxed);
+        let total = || self.load.in_flight();
         let usable = |i: usize| untried(i) && self.backends[i].state.is_usable() && self.admits(i);
         match self.selector.pick(key, usable, load, total) {
             None if self.config.fail_open => self.selector.pick(key, untried, load, total),
             chosen => chosen,
+        }
+    }
+
+    /// Counts a request that found no backend with room and waited in the
+    /// queue, however that ended.
+    pub fn count_queued(&self, waited: std::time::Duration, outcome: Result<(), Rejected>) {
+        self.queue_wait.record(waited.as_secs_f64());
+        match outcome {
+            Err(Rejected::Full) => self.queue_rejected[0].increment(1),
+            Err(Rejected::Timeout) => self.queue_rejected[1].increment(1),
+            _ => {}
+        }
+    }
+
+    /// Backend `i`, counted in flight if it has room.
+    fn take(&self, i: usize) -> Admission {
+        match InFlight::try_begin(&self.backends[i].state, &self.load) {
+            Some(in_flight) => Admission::Now(i, in_flight),
+            None => Admission::Full,
         }
     }
 
@@ -109,6 +148,52 @@ impl Upstream {
         }
         let draw = crate::balance::hash::mix(self.admissions.fetch_add(1, Ordering::Relaxed));
         ((draw % 10_000) as f64) < ramp * 10_000.0
+    }
+}
+
+/// The upstream's balance under `max_connections`. A request pinned by its
+/// sticky cookie, or carrying a consistent-hashing key, waits for its own
+/// backend (the ring's bounded loads may still send the key on, as they do
+/// without limits); any other goes to the backend its balance picks among
+/// those with room.
+impl Admit for Upstream {
+    fn admit(&self, want: &Want<'_>) -> Admission {
+        if let Some(pinned) = want.pinned.filter(|&i| self.is_usable(i)) {
+            return match self.limited {
+                false => Admission::Now(pinned, self.begin(pinned)),
+                true => self.take(pinned),
+            };
+        }
+        if !self.limited {
+            return match self.pick_index(want.tried, want.key) {
+                Some(i) => Admission::Now(i, self.begin(i)),
+                None => Admission::Nowhere,
+            };
+        }
+        if want.key.is_some() {
+            return match self.pick_index(want.tried, want.key) {
+                Some(i) => self.take(i),
+                None => Admission::Nowhere,
+            };
+        }
+        let room = |i: usize| self.backends[i].state.has_room();
+        match self.pick_where(want.tried, None, room) {
+            Some(i) => self.take(i),
+            None if self.any_usable(want.tried) => Admission::Full,
+            None => Admission::Nowhere,
+        }
+    }
+}
+
+impl Upstream {
+    fn begin(&self, i: usize) -> InFlight {
+        InFlight::begin(&self.backends[i].state, &self.load)
+    }
+
+    /// Whether any backend not `tried` could take a request, room aside.
+    fn any_usable(&self, tried: &[usize]) -> bool {
+        (0..self.backends.len())
+            .any(|i| !tried.contains(&i) && (self.config.fail_open || self.is_usable(i)))
     }
 }
 

@@ -140,28 +140,27 @@ fn the_preview_predicts_the_keys_a_reload_moves() {
     let new = config::decode(&yaml(&fewer), std::path::Path::new(".")).unwrap();
     let lines = bascule::preview::preview(&old, &new);
     let predicted = preview_share(lines.iter().map(String::as_str)).unwrap();
-    // What the running server then does: the same keys through the real snapshots.
+    // What the running server then does: the same keys through the real
+    // snapshots, the old one's picks taken before the reload (which retires
+    // the backends it removes from the old snapshot too).
     let old_snapshot = bascule::state::Snapshot::build(std::sync::Arc::new(old), None);
+    let keys = 100_000u64;
+    let key = |k: u64| {
+        Some(bascule::balance::hash::hash64(
+            &k.wrapping_mul(7919).to_le_bytes(),
+        ))
+    };
+    let pick = |snapshot: &bascule::state::Snapshot, k: u64| {
+        let upstream = snapshot.upstream("app").unwrap();
+        upstream
+            .pick_index(&[], key(k))
+            .map(|i| upstream.backends[i].address.clone())
+    };
+    let before: Vec<_> = (0..keys).map(|k| pick(&old_snapshot, k)).collect();
     let new_snapshot =
         bascule::state::Snapshot::build(std::sync::Arc::new(new), Some(&old_snapshot));
-    let (before, after) = (
-        old_snapshot.upstream("app").unwrap(),
-        new_snapshot.upstream("app").unwrap(),
-    );
-    let keys = 100_000u64;
     let moved = (0..keys)
-        .filter(|k| {
-            let key = Some(bascule::balance::hash::hash64(
-                &k.wrapping_mul(7919).to_le_bytes(),
-            ));
-            let a = before
-                .pick_index(&[], key)
-                .map(|i| before.backends[i].address.clone());
-            let b = after
-                .pick_index(&[], key)
-                .map(|i| after.backends[i].address.clone());
-            a != b
-        })
+        .filter(|&k| before[k as usize] != pick(&new_snapshot, k))
         .count();
     let actual = moved as f64 * 100.0 / keys as f64;
     eprintln!("preview {predicted:.2}% of keys move; the reload moved {actual:.2}%");

@@ -601,6 +601,8 @@ impl<'b> Decoder<'b> {
             d.duration(n, p).map(Some)
         });
         let sticky = self.optional(&mut f, "sticky", None, |d, n, p| d.sticky(n, p).map(Some));
+        let max_connections = self.optional(&mut f, "max_connections", None, Self::max_connections);
+        let queue = self.optional(&mut f, "queue", QueueConfig::default(), Self::queue);
         let tls_field = f.get("tls");
         let tls = match &tls_field {
             Some((n, p)) => self.backend_tls(n, p).map(Some),
@@ -638,6 +640,27 @@ impl<'b> Decoder<'b> {
             tls: tls?,
             slow_start: slow_start?,
             sticky: sticky?,
+            max_connections: max_connections?,
+            queue: queue?,
+        })
+    }
+
+    fn max_connections(&mut self, node: &Node, path: &str) -> Option<Option<usize>> {
+        self.integer(node, path, 1, 10_000_000)
+            .map(|n| Some(n as usize))
+    }
+
+    fn queue(&mut self, node: &Node, path: &str) -> Option<QueueConfig> {
+        let mut f = self.fields(node, path)?;
+        let default = QueueConfig::default();
+        let size = self.optional(&mut f, "size", default.size, |d, n, p| {
+            d.integer(n, p, 0, 10_000_000).map(|v| v as usize)
+        });
+        let timeout = self.optional(&mut f, "timeout", default.timeout, Self::duration);
+        self.finish(f);
+        Some(QueueConfig {
+            size: size?,
+            timeout: timeout?,
         })
     }
 
@@ -944,6 +967,7 @@ impl<'b> Decoder<'b> {
                 addr,
                 weight: 1,
                 tls_name: None,
+                max_connections: None,
             });
         }
         let mut f = self.fields(node, path)?;
@@ -953,6 +977,7 @@ impl<'b> Decoder<'b> {
         let weight = self.optional(&mut f, "weight", 1, |d, n, p| {
             d.integer(n, p, 1, MAX_WEIGHT.into()).map(|w| w as u32)
         });
+        let max_connections = self.optional(&mut f, "max_connections", None, Self::max_connections);
         self.finish(f);
         let (address, addr) = address?;
         Some(BackendConfig {
@@ -960,6 +985,7 @@ impl<'b> Decoder<'b> {
             addr,
             weight: weight?,
             tls_name: None,
+            max_connections: max_connections?,
         })
     }
 
@@ -1020,6 +1046,7 @@ impl<'b> Decoder<'b> {
         let max_header_bytes = self.optional(&mut f, "max_header_bytes", 65536, |d, n, p| {
             d.integer(n, p, 1024, 1 << 20).map(|v| v as usize)
         });
+        let max_connections = self.optional(&mut f, "max_connections", None, Self::max_connections);
         let minute = Duration::from_secs(60);
         let (mut header_read, mut keepalive, mut body, mut send) = (
             Some(Duration::from_secs(10)),
@@ -1054,6 +1081,7 @@ impl<'b> Decoder<'b> {
             max_header_bytes: max_header_bytes?,
             tls: tls?,
             redirect_https: redirect_https?,
+            max_connections: max_connections?,
         })
     }
 
@@ -1332,7 +1360,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_idle_connections, passive, retries, retry_budget, slow_start, sticky, timeouts, tls)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_connections, max_idle_connections, passive, queue, retries, retry_budget, slow_start, sticky, timeouts, tls)",
             ]
         );
     }

@@ -74,6 +74,9 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     /// Answer every request with a 301 to the same URL over https (port 443). Default false.
     pub redirect_https: bool,
+    /// Client connections open at once, shared by the workers; past it, new
+    /// connections wait in the kernel's backlog. Default none.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -193,6 +196,29 @@ pub struct UpstreamConfig {
     pub slow_start: Option<Duration>,
     /// TLS to the backends.
     pub tls: Option<crate::backend_tls::BackendTls>,
+    /// Requests in flight at once to each backend (a backend's own setting
+    /// overrides it). Default none.
+    pub max_connections: Option<usize>,
+    /// Where requests wait when every backend they may use is at its limit.
+    pub queue: QueueConfig,
+}
+
+/// An upstream's queue, used only when its backends have `max_connections`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Requests waiting at once; one more gets 503 at once. Default 1000.
+    pub size: usize,
+    /// A request waiting longer gets 503. Default 5s.
+    pub timeout: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            size: 1000,
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,6 +307,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// With upstream TLS: the name its certificate is checked against, also sent as SNI.
     pub tls_name: Option<rustls_pki_types::ServerName<'static>>,
+    /// Its own `max_connections`, over the upstream's.
+    pub max_connections: Option<usize>,
 }
 
 /// Weights above this are refused: round robin keeps a table as long as the sum of weights.

@@ -38,6 +38,8 @@ use http::header::{HeaderValue, CONTENT_LENGTH, DATE, HOST};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::client_io::Activity;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -75,12 +77,15 @@ pub struct Limits {
 }
 
 /// The connection being served: who is at the other end, and how.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Connection {
     pub peer: SocketAddr,
     /// Over TLS: a closing connection sends its close_notify.
     pub tls: bool,
     pub limits: Limits,
+    /// The service marks here a request that waits (for a backend with room):
+    /// the socket is then watched, and a client that leaves ends the request.
+    pub activity: Arc<Activity>,
 }
 
 /// A client connection's stream, plain or TLS.
@@ -132,8 +137,14 @@ where
     H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
 {
     // Taken apart: the limits live in the reader, and the future keeps one copy.
-    let Connection { peer, tls, limits } = conn;
+    let Connection {
+        peer,
+        tls,
+        limits,
+        activity,
+    } = conn;
     let mut reader = HeadReader {
+        activity,
         buf: BytesMut::new(),
         limits,
         detect_h2: http2.is_some(),
@@ -260,7 +271,7 @@ where
         // Made here, not before the block: the block would keep room for it
         // twice. In a scope of its own, so that the reply's state can reuse its room.
         let resp = {
-            let mut service = std::pin::pin!(service.call(req));
+            let mut call = std::pin::pin!(service.call(req));
             std::future::poll_fn(|task| {
                 if let Some(inbound) = inbound.as_mut() {
                     let delivered = inbound.delivered;
@@ -275,11 +286,24 @@ where
                         inbound.fail(io::Error::new(io::ErrorKind::TimedOut, stalled));
                     }
                 }
-                service.as_mut().poll(task)
+                let resp = call.as_mut().poll(task);
+                // A request with no body to read waits for a backend: a client
+                // that leaves meanwhile takes its request out of the queue.
+                if resp.is_pending()
+                    && inbound.is_none()
+                    && reader.activity.is_waiting()
+                    && reader.poll_left(task, io)
+                {
+                    return Poll::Ready(None);
+                }
+                resp.map(Some)
             })
             .await
         };
-        let Ok(resp) = resp;
+        let Some(Ok(resp)) = resp else {
+            tracing::debug!(peer = %peer, "the client left while its request waited");
+            return After::Close;
+        };
 
         let (parts, body) = resp.into_parts();
         keep_alive &= !reader.stopping();
@@ -391,6 +415,7 @@ impl From<io::Error> for HeadError {
 struct HeadReader {
     /// Bytes read and not yet used; between requests usually empty and unallocated.
     buf: BytesMut,
+    activity: Arc<Activity>,
     limits: Limits,
     detect_h2: bool,
     timer: Pin<Box<Sleep>>,
@@ -516,6 +541,21 @@ impl HeadReader {
             };
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what).into()));
         }
+    }
+
+    /// Whether the client has closed its end (or the connection failed),
+    /// read while its request has nothing else to read. Bytes that arrive
+    /// meanwhile, a pipelined request, are kept for their turn, up to a head's
+    /// limit; past it the socket is not read.
+    fn poll_left<S: AsyncRead + Unpin>(&mut self, task: &mut Context<'_>, io: &mut S) -> bool {
+        while self.buf.len() < self.limits.head {
+            match self.poll_read(task, io) {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(0) | Err(_)) => return true,
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        false
     }
 
     /// Reads once; 0 is the end. With no buffer held, reads onto the stack and

@@ -13,11 +13,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::access_log::{AccessLogger, RequestLine};
-use crate::backend::InFlight;
 use crate::client_io::Busy;
 use crate::http1::BoxError;
 use crate::metrics::{self as m, RequestCounters};
 use crate::pool::BackendBody;
+use crate::queue::InFlight;
 use crate::upstream::Upstream;
 
 /// Everything to account for one request, done when it is dropped: after the
@@ -31,6 +31,8 @@ pub struct Exchange {
     /// Index of the backend in `upstream.backends`.
     pub backend: Option<usize>,
     pub in_flight: Option<InFlight>,
+    /// How long it waited in its upstream's queue, in all its attempts.
+    pub queued: std::time::Duration,
     /// How the route's cache served it, if it has one (`hit_memory`, `miss`...).
     pub cache: Option<&'static str>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
@@ -46,6 +48,7 @@ impl Exchange {
             upstream: None,
             backend: None,
             in_flight: None,
+            queued: std::time::Duration::ZERO,
             cache: None,
             log,
             _busy: busy,
@@ -77,7 +80,15 @@ impl Drop for Exchange {
                 (Some(u), Some(b)) => u.backends[b].address.as_str(),
                 _ => m::NONE,
             };
-            logger.write(line.format(self.status, self.bytes, upstream, backend, took, self.cache));
+            logger.write(line.format(&crate::access_log::Outcome {
+                status: self.status,
+                bytes: self.bytes,
+                upstream,
+                backend,
+                took,
+                queued: self.queued,
+                cache: self.cache,
+            }));
         }
     }
 }

@@ -24,7 +24,6 @@ use http_body_util::{Either, Empty};
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLogger;
-use crate::backend::InFlight;
 use crate::client_io::Activity;
 use crate::config::Balance;
 use crate::failure::{Again, Attempt, ProxyError};
@@ -32,6 +31,7 @@ use crate::hash_key;
 use crate::health;
 use crate::http1::serve::PendingUpgrade;
 use crate::pool::{h1, BackendBody, ClientBody, OutBody};
+use crate::queue::{Admission, InFlight, Want};
 use crate::upstream::Upstream;
 pub use body::{Exchange, ProxyBody};
 
@@ -158,8 +158,10 @@ impl tower::Service<RouteRequest> for Proxy {
 /// The reply to a request that failed, logged by whose doing it was: the
 /// one place a failure becomes a status and body.
 pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody> {
-    // A failed attempt was logged, with its cause, when it failed.
-    if e.is_clients() || e.is_attempts() {
+    // A failed attempt was logged, with its cause, when it failed; a request
+    // the queue turned away is counted in its metrics (a line each would
+    // flood the log just when the fleet is overloaded).
+    if e.is_clients() || e.is_attempts() || e.is_queue() {
         tracing::debug!(peer = %cx.peer, "{e}");
     } else {
         let backend = ex
@@ -174,6 +176,10 @@ pub fn fail(cx: &ConnContext, e: ProxyError, ex: Exchange) -> Response<ProxyBody
         );
     }
     let mut resp = local_reply(e.status(), Bytes::from(e.body()), ex);
+    if e.is_queue() {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp.extensions_mut().insert(Failed(e));
     resp
 }
@@ -199,7 +205,7 @@ pub fn local_reply(status: StatusCode, body: Bytes, mut ex: Exchange) -> Respons
 #[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     cx: &'a ConnContext,
-    upstream: &'a Upstream,
+    upstream: &'a Arc<Upstream>,
     mut req: Request<ClientBody>,
     host_field: Option<HeaderValue>,
     ex: &'a mut Exchange,
@@ -240,7 +246,7 @@ fn forward<'a>(
         }
         parts.version = Version::HTTP_11;
         let mut out = Request::from_parts(parts, Either::Left(body));
-        let mut resp = send_with_retries(upstream, key, pinned, hostless, &mut out, ex).await?;
+        let mut resp = send_with_retries(cx, upstream, key, pinned, hostless, &mut out, ex).await?;
         if let (Some(sticky), Some(chosen)) = (&upstream.sticky, ex.backend) {
             // A client pinned to the backend that served it needs no new cookie.
             if pinned != Some(chosen) {
@@ -288,7 +294,8 @@ fn forward<'a>(
 /// `hostless`: the request has no Host (HTTP/1.0 may omit it), so each attempt
 /// names its backend's address.
 async fn send_with_retries(
-    upstream: &Upstream,
+    cx: &ConnContext,
+    upstream: &Arc<Upstream>,
     key: Option<u64>,
     pinned: Option<usize>,
     hostless: bool,
@@ -309,20 +316,26 @@ async fn send_with_retries(
             }
             upstream.retried.increment(1);
         }
-        let sticky_choice = pinned.filter(|&i| attempt == 0 && upstream.is_usable(i));
-        if attempt == 0 && pinned.is_some() && sticky_choice.is_none() {
+        let pinned = pinned.filter(|_| attempt == 0);
+        if pinned.is_some_and(|i| !upstream.is_usable(i)) {
             if let Some(sticky) = &upstream.sticky {
                 sticky.count_unusable();
             }
         }
-        let Some(chosen) = sticky_choice.or_else(|| upstream.pick_index(&tried[..attempt], key))
-        else {
-            break;
+        let want = Want {
+            key,
+            pinned: pinned.filter(|&i| upstream.is_usable(i)),
+            tried: &tried[..attempt],
+        };
+        let (chosen, in_flight) = match upstream.load.admit_now(&**upstream, &want) {
+            Admission::Now(chosen, in_flight) => (chosen, in_flight),
+            Admission::Nowhere => break,
+            Admission::Full => queue(cx, upstream, &want, ex).await?,
         };
         tried[attempt] = chosen;
         let backend = &upstream.backends[chosen];
         ex.backend = Some(chosen);
-        ex.in_flight = Some(backend.state.begin_request(&upstream.in_flight));
+        ex.in_flight = Some(in_flight);
         let mut target = std::mem::take(out.uri_mut()).into_parts();
         target.scheme = Some(match upstream.config.tls {
             Some(_) => Scheme::HTTPS,
@@ -388,6 +401,33 @@ async fn send_with_retries(
     }
     Err(last)
 }
+
+/// Waits in `upstream`'s queue for a backend `want` may use (every one it
+/// may use is at its `max_connections`, or others wait already).
+async fn queue(
+    cx: &ConnContext,
+    upstream: &Arc<Upstream>,
+    want: &Want<'_>,
+    ex: &mut Exchange,
+) -> Result<(usize, InFlight), ProxyError> {
+    let since = std::time::Instant::now();
+    let queue = upstream.config.queue;
+    // Logged so if the client leaves while it waits (NGINX's "client closed request").
+    ex.status = CLIENT_LEFT;
+    let waiting = cx.activity.wait();
+    let admitted = upstream
+        .load
+        .wait(upstream.clone(), want, queue.size, queue.timeout)
+        .await;
+    drop(waiting);
+    let waited = since.elapsed();
+    ex.queued += waited;
+    upstream.count_queued(waited, admitted.as_ref().map(|_| ()).map_err(|r| *r));
+    Ok(admitted?)
+}
+
+/// The status logged for a request whose client left before its reply.
+const CLIENT_LEFT: u16 = 499;
 
 /// One first attempt and at most this many minus one retries.
 const MAX_ATTEMPTS: usize = 11;

@@ -47,21 +47,24 @@ pub struct TestBackend {
     pub delay_ms: Arc<AtomicUsize>,
     /// `/healthz` requests answered.
     pub probes: Arc<AtomicUsize>,
+    /// Requests being answered now (`/healthz` aside), and the most at once.
+    pub busy: Arc<AtomicUsize>,
+    pub busy_peak: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Counts a backend connection as open until dropped.
-struct OpenConnection(Arc<AtomicUsize>);
+struct Counted(Arc<AtomicUsize>);
 
-impl OpenConnection {
+impl Counted {
     fn count(open: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::SeqCst);
-        OpenConnection(open.clone())
+        Counted(open.clone())
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -100,11 +103,15 @@ impl TestBackend {
         let fail_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicUsize::new(0));
         let probes = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let busy_peak = Arc::new(AtomicUsize::new(0));
         let behaviour = Behaviour {
             health: health.clone(),
             fail_all: fail_all.clone(),
             delay_ms: delay_ms.clone(),
             probes: probes.clone(),
+            busy: busy.clone(),
+            busy_peak: busy_peak.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (name2, seen2, conns2) = (name.to_string(), seen.clone(), connections.clone());
@@ -127,7 +134,7 @@ impl TestBackend {
                         let (name, seen, behaviour) =
                             (name2.clone(), seen2.clone(), behaviour.clone());
                         let tls = tls.clone();
-                        let open = OpenConnection::count(&open2);
+                        let open = Counted::count(&open2);
                         tokio::spawn(async move {
                             let _open = open;
                             let svc = service_fn(move |req| {
@@ -167,6 +174,8 @@ impl TestBackend {
             fail_all,
             delay_ms,
             probes,
+            busy,
+            busy_peak,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -211,6 +220,8 @@ struct Behaviour {
     fail_all: Arc<std::sync::atomic::AtomicBool>,
     delay_ms: Arc<AtomicUsize>,
     probes: Arc<AtomicUsize>,
+    busy: Arc<AtomicUsize>,
+    busy_peak: Arc<AtomicUsize>,
 }
 
 async fn answer(
@@ -238,6 +249,9 @@ async fn answer(
         version: req.version(),
         headers: req.headers().clone(),
     });
+    let now = behaviour.busy.fetch_add(1, Ordering::SeqCst) + 1;
+    behaviour.busy_peak.fetch_max(now, Ordering::SeqCst);
+    let _busy = Counted(behaviour.busy.clone());
     let delay = behaviour.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
