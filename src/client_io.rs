@@ -32,9 +32,14 @@ pub struct Activity {
 
 impl Activity {
     /// Marks a request of this connection as waiting, until the guard drops.
-    pub fn wait(self: &Arc<Self>) -> Waiting {
+    /// An HTTP/1 connection looks at the mark each time it polls its request,
+    /// before the request's own future: so this yields once, and the next
+    /// poll, at once, starts the watch.
+    pub async fn wait(self: &Arc<Self>) -> Waiting {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(self.clone())
+        let waiting = Waiting(self.clone());
+        tokio::task::yield_now().await;
+        waiting
     }
 
     pub fn is_waiting(&self) -> bool {

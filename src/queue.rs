@@ -145,7 +145,8 @@ impl Load {
 
     /// A backend for `want` now, unless others are waiting: then, as when
     /// every backend it may use is full, it must queue (`Full`).
-    pub fn admit_now(&self, upstream: &dyn Admit, want: &Want<'_>) -> Admission {
+    #[inline]
+    pub fn admit_now<A: Admit + ?Sized>(&self, upstream: &A, want: &Want<'_>) -> Admission {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             return Admission::Full;
         }
@@ -217,11 +218,17 @@ impl Load {
     /// Hands places with room to waiters, in order of arrival. Called when a
     /// request ends, when a backend comes back into rotation, and after a
     /// reload (its limits may have risen).
+    #[inline]
     pub fn dispatch(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut waiters = self.lock();
-            self.dispatch_locked(&mut waiters);
+            self.dispatch_now();
         }
+    }
+
+    #[cold]
+    fn dispatch_now(&self) {
+        let mut waiters = self.lock();
+        self.dispatch_locked(&mut waiters);
     }
 
     fn dispatch_locked(&self, waiters: &mut Waiters) {

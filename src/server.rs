@@ -410,6 +410,12 @@ impl Worker {
         connections: TaskTracker,
         stop: CancellationToken,
     ) {
+        // The listener's limit, kept across reloads (which change it in place).
+        let limit = self
+            .state
+            .load()
+            .listener(key)
+            .map(|l| l.connections.clone());
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -422,12 +428,7 @@ impl Worker {
                     // rest wait in the kernel's backlog. Taking the place after
                     // the accept, not before, keeps an idle worker from holding
                     // one that a busy worker's connection needs.
-                    let limit = self
-                        .state
-                        .load()
-                        .listener(key)
-                        .map(|l| l.connections.clone());
-                    let place = match limit {
+                    let place = match &limit {
                         Some(limit) if limit.is_limited() => tokio::select! {
                             _ = stop.cancelled() => return,
                             place = limit.acquire() => Some(place),

@@ -86,11 +86,13 @@ impl Upstream {
     /// the ones already `tried`; `None` when no backend is usable. With
     /// `fail_open`, unusable backends are tried when no usable one is left.
     /// `key` is the request's consistent-hashing key, if it has one.
+    #[inline]
     pub fn pick_index(&self, tried: &[usize], key: Option<u64>) -> Option<usize> {
         self.pick_where(tried, key, |_| true)
     }
 
     /// As `pick_index`, among the backends `allowed` allows.
+    #[inline(always)]
     fn pick_where(
         &self,
         tried: &[usize],
@@ -157,18 +159,24 @@ impl Upstream {
 /// without limits); any other goes to the backend its balance picks among
 /// those with room.
 impl Admit for Upstream {
+    // Inlined: without limits, a request's pick is what it was before them.
+    #[inline(always)]
     fn admit(&self, want: &Want<'_>) -> Admission {
-        if let Some(pinned) = want.pinned.filter(|&i| self.is_usable(i)) {
-            return match self.limited {
-                false => Admission::Now(pinned, self.begin(pinned)),
-                true => self.take(pinned),
-            };
+        if self.limited {
+            return self.admit_limited(want);
         }
-        if !self.limited {
-            return match self.pick_index(want.tried, want.key) {
-                Some(i) => Admission::Now(i, self.begin(i)),
-                None => Admission::Nowhere,
-            };
+        let pinned = want.pinned.filter(|&i| self.is_usable(i));
+        match pinned.or_else(|| self.pick_index(want.tried, want.key)) {
+            Some(i) => Admission::Now(i, InFlight::begin(&self.backends[i].state, &self.load)),
+            None => Admission::Nowhere,
+        }
+    }
+}
+
+impl Upstream {
+    fn admit_limited(&self, want: &Want<'_>) -> Admission {
+        if let Some(pinned) = want.pinned.filter(|&i| self.is_usable(i)) {
+            return self.take(pinned);
         }
         if want.key.is_some() {
             return match self.pick_index(want.tried, want.key) {
@@ -182,12 +190,6 @@ impl Admit for Upstream {
             None if self.any_usable(want.tried) => Admission::Full,
             None => Admission::Nowhere,
         }
-    }
-}
-
-impl Upstream {
-    fn begin(&self, i: usize) -> InFlight {
-        InFlight::begin(&self.backends[i].state, &self.load)
     }
 
     /// Whether any backend not `tried` could take a request, room aside.

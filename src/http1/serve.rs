@@ -132,7 +132,7 @@ where
     S: ClientStream,
     V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
     V::Future: Send,
-    B: Body<Data = Bytes> + Send + Unpin,
+    B: Body<Data = Bytes> + Default + Send + Unpin,
     B::Error: Into<BoxError>,
     H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
 {
@@ -227,7 +227,7 @@ where
     S: ClientStream,
     V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
     V::Future: Send,
-    B: Body<Data = Bytes> + Send + Unpin,
+    B: Body<Data = Bytes> + Default + Send + Unpin,
     B::Error: Into<BoxError>,
 {
     let Head {
@@ -270,6 +270,7 @@ where
     async move {
         // Made here, not before the block: the block would keep room for it
         // twice. In a scope of its own, so that the reply's state can reuse its room.
+        let mut left = false;
         let resp = {
             let mut call = std::pin::pin!(service.call(req));
             std::future::poll_fn(|task| {
@@ -285,27 +286,25 @@ where
                         let stalled = "no bytes of the request body within timeouts.body";
                         inbound.fail(io::Error::new(io::ErrorKind::TimedOut, stalled));
                     }
+                } else if reader.activity.is_waiting() && reader.poll_left(task, io) {
+                    // The request, with no body to read, waits for a backend,
+                    // and its client has left: it leaves the queue (the
+                    // service's future is dropped). The empty reply stands in
+                    // for the one it will not get; the service's own is passed
+                    // on below as it comes, unwrapped and unmoved.
+                    left = true;
+                    return Poll::Ready(Ok(Response::new(B::default())));
                 }
-                let resp = call.as_mut().poll(task);
-                // A request with no body to read waits for a backend: a client
-                // that leaves meanwhile takes its request out of the queue.
-                if resp.is_pending()
-                    && inbound.is_none()
-                    && reader.activity.is_waiting()
-                    && reader.poll_left(task, io)
-                {
-                    return Poll::Ready(None);
-                }
-                resp.map(Some)
+                call.as_mut().poll(task)
             })
             .await
         };
-        let Some(Ok(resp)) = resp else {
+        let Ok(resp) = resp;
+        let (parts, body) = resp.into_parts();
+        if left {
             tracing::debug!(peer = %peer, "the client left while its request waited");
             return After::Close;
-        };
-
-        let (parts, body) = resp.into_parts();
+        }
         keep_alive &= !reader.stopping();
         let (head, framing) = encode_reply_head(&parts, version, head_only, &body, &mut keep_alive);
         let upgrading = parts.status == StatusCode::SWITCHING_PROTOCOLS;
@@ -547,9 +546,12 @@ impl HeadReader {
     /// read while its request has nothing else to read. Bytes that arrive
     /// meanwhile, a pipelined request, are kept for their turn, up to a head's
     /// limit; past it the socket is not read.
+    #[cold]
+    #[inline(never)]
     fn poll_left<S: AsyncRead + Unpin>(&mut self, task: &mut Context<'_>, io: &mut S) -> bool {
         while self.buf.len() < self.limits.head {
-            match self.poll_read(task, io) {
+            self.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), task, &mut self.buf) {
                 Poll::Pending => return false,
                 Poll::Ready(Ok(0) | Err(_)) => return true,
                 Poll::Ready(Ok(_)) => {}

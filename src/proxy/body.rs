@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -31,8 +31,10 @@ pub struct Exchange {
     /// Index of the backend in `upstream.backends`.
     pub backend: Option<usize>,
     pub in_flight: Option<InFlight>,
-    /// How long it waited in its upstream's queue, in all its attempts.
-    pub queued: std::time::Duration,
+    /// Microseconds it waited in its upstream's queue, in all its attempts
+    /// (saturating: 71 minutes). Not a `Duration`: the record moves with every
+    /// body, and this keeps it as small as it was.
+    pub queued_us: u32,
     /// How the route's cache served it, if it has one (`hit_memory`, `miss`...).
     pub cache: Option<&'static str>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
@@ -48,7 +50,7 @@ impl Exchange {
             upstream: None,
             backend: None,
             in_flight: None,
-            queued: std::time::Duration::ZERO,
+            queued_us: 0,
             cache: None,
             log,
             _busy: busy,
@@ -86,7 +88,7 @@ impl Drop for Exchange {
                 upstream,
                 backend,
                 took,
-                queued: self.queued,
+                queued: Duration::from_micros(self.queued_us.into()),
                 cache: self.cache,
             }));
         }
@@ -100,6 +102,13 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<BackendBody, Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>>,
         exchange: Option<Exchange>,
+    }
+}
+
+/// An empty body, with no exchange to account for.
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::local(Bytes::new(), None)
     }
 }
 

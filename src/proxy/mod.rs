@@ -330,7 +330,9 @@ async fn send_with_retries(
         let (chosen, in_flight) = match upstream.load.admit_now(&**upstream, &want) {
             Admission::Now(chosen, in_flight) => (chosen, in_flight),
             Admission::Nowhere => break,
-            Admission::Full => queue(cx, upstream, &want, ex).await?,
+            // Boxed: its state (a timer, a channel) would otherwise widen
+            // every request's future, and be moved with it, waiting or not.
+            Admission::Full => Box::pin(queue(cx, upstream, &want, ex)).await?,
         };
         tried[attempt] = chosen;
         let backend = &upstream.backends[chosen];
@@ -414,14 +416,15 @@ async fn queue(
     let queue = upstream.config.queue;
     // Logged so if the client leaves while it waits (NGINX's "client closed request").
     ex.status = CLIENT_LEFT;
-    let waiting = cx.activity.wait();
+    let waiting = cx.activity.wait().await;
     let admitted = upstream
         .load
         .wait(upstream.clone(), want, queue.size, queue.timeout)
         .await;
     drop(waiting);
     let waited = since.elapsed();
-    ex.queued += waited;
+    let waited_us = u32::try_from(waited.as_micros()).unwrap_or(u32::MAX);
+    ex.queued_us = ex.queued_us.saturating_add(waited_us);
     upstream.count_queued(waited, admitted.as_ref().map(|_| ()).map_err(|r| *r));
     Ok(admitted?)
 }
