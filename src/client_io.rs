@@ -35,7 +35,7 @@ impl Activity {
     /// An HTTP/1 connection looks at the mark each time it polls its request,
     /// before the request's own future: so this yields once, and the next
     /// poll, at once, starts the watch.
-    pub async fn wait(self: &Arc<Self>) -> Waiting {
+    pub async fn mark_waiting(self: &Arc<Self>) -> Waiting {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = Waiting(self.clone());
         tokio::task::yield_now().await;

@@ -27,7 +27,7 @@ pub struct Upstream {
     /// Whether any backend has a `max_connections`: if none has, requests
     /// never queue, and no limit is checked.
     limited: bool,
-    pub queue_wait: Histogram,
+    queue_wait: Histogram,
     /// `bascule_queue_rejected_total`, by `Rejected::Full` and `Rejected::Timeout`.
     queue_rejected: [Counter; 2],
     pub retry_budget: RetryBudget,

@@ -416,7 +416,7 @@ async fn queue(
     let queue = upstream.config.queue;
     // Logged so if the client leaves while it waits (NGINX's "client closed request").
     ex.status = CLIENT_LEFT;
-    let waiting = cx.activity.wait().await;
+    let waiting = cx.activity.mark_waiting().await;
     let admitted = upstream
         .load
         .wait(upstream.clone(), want, queue.size, queue.timeout)
