@@ -1,4 +1,5 @@
-//! The admin listener: `GET /status` (JSON) and `GET /metrics` (Prometheus text).
+//! The admin listener: `GET /status` (JSON) and `GET /metrics` (Prometheus text),
+//! drains and cache purges; behind a bearer token when `admin.token` is set.
 //!
 //! It runs on the control thread (with health checks), so a busy request path
 //! never delays a scrape, and a slow scraper never takes a worker's time.
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +47,9 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
+                    if !authorized(&state, &req) {
+                        return Ok(unauthorized());
+                    }
                     let resp = match req.uri().path().strip_prefix("/caches/") {
                         Some(rest) => {
                             let rest = rest.to_string();
@@ -62,6 +67,47 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
                 .await;
         });
     }
+}
+
+/// With `admin.token` set, every request but `GET /metrics` (which
+/// Prometheus scrapes, and which changes nothing) carries the token as a
+/// bearer token, compared in constant time.
+fn authorized<B>(state: &State, req: &Request<B>) -> bool {
+    let snapshot = state.load();
+    let Some(token) = snapshot
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+    else {
+        return true;
+    };
+    if req.uri().path() == "/metrics" && matches!(*req.method(), Method::GET | Method::HEAD) {
+        return true;
+    }
+    let Some(field) = req.headers().get(http::header::AUTHORIZATION) else {
+        return false;
+    };
+    // The scheme's name is case-insensitive (RFC 9110, section 11.1).
+    match field.as_bytes().split_at_checked(7) {
+        Some((scheme, given)) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            bool::from(given.ct_eq(token.as_bytes()))
+        }
+        _ => false,
+    }
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut resp = text(
+        StatusCode::UNAUTHORIZED,
+        "401 Unauthorized: this admin endpoint needs Authorization: Bearer TOKEN (admin.token)\n"
+            .into(),
+    );
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {

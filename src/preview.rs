@@ -64,13 +64,20 @@ pub fn preview(old: &Config, new: &Config) -> Vec<String> {
             ));
         }
     }
-    if old.admin != new.admin {
-        let bind = |c: &Config| {
-            c.admin
-                .as_ref()
-                .map_or("none".to_string(), |a| a.bind.to_string())
-        };
+    let bind = |c: &Config| {
+        c.admin
+            .as_ref()
+            .map_or("none".to_string(), |a| a.bind.to_string())
+    };
+    if bind(old) != bind(new) {
         out.push(format!("~ admin: {} -> {}", bind(old), bind(new)));
+    }
+    let token = |c: &Config| c.admin.as_ref().and_then(|a| a.token.clone());
+    match (token(old), token(new)) {
+        (None, Some(_)) => out.push("~ admin: a token is now required".into()),
+        (Some(_), None) => out.push("~ admin: no token is required any more".into()),
+        (Some(a), Some(b)) if a != b => out.push("~ admin: the token changes".into()),
+        _ => {}
     }
     for u in &new.upstreams {
         match old.upstream(&u.name) {

@@ -178,6 +178,8 @@ impl Server {
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
+        // Before the lines that say it is listening, which scripts wait for.
+        warn_if_admin_open(&state.load().config);
         for (l, (_, addr)) in state.load().config.listeners.iter().zip(&listeners) {
             tracing::info!(listener = %l.name, "listening on {addr}");
         }
@@ -763,7 +765,22 @@ impl Server {
             // None stops the admin listener.
             let _ = self.admin_tx.send(admin_socket);
         }
+        warn_if_admin_open(&config);
         self.reloaded.notify_one();
         Ok(())
+    }
+}
+
+/// The admin listener can drain backends and purge caches: reachable from
+/// other hosts without a token, anyone there can.
+fn warn_if_admin_open(config: &Config) {
+    if let Some(admin) = &config.admin {
+        if !admin.bind.ip().is_loopback() && admin.token.is_none() {
+            tracing::warn!(
+                "the admin listener on {} is reachable from other hosts and has no admin.token: \
+                 anyone who reaches it can drain backends and purge caches",
+                admin.bind
+            );
+        }
     }
 }

@@ -180,3 +180,100 @@ fn requests_refused_unread_are_counted_and_logged_without_a_route() {
         .collect();
     assert_eq!(statuses, ["400", "400", "505"]);
 }
+
+#[test]
+fn a_token_guards_every_admin_endpoint_but_metrics() {
+    let a = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin.token");
+    // Surrounding white space (a file's last newline) is not part of the token.
+    std::fs::write(&file, "  s3cret-token\n").unwrap();
+    let yaml = simple_config(&[&a]).replace(
+        "admin:\n  bind: 127.0.0.1:0\n",
+        &format!(
+            "admin:\n  bind: 127.0.0.1:0\n  token_file: {}\n",
+            file.display()
+        ),
+    );
+    let lb = Balancer::start(&yaml);
+    let admin = lb.admin();
+    let good = "Authorization: Bearer s3cret-token";
+    for (method, path) in [
+        ("GET", "/status"),
+        ("GET", "/nope"),
+        ("POST", "/caches/none/purge"),
+    ] {
+        for wrong in [
+            &[][..],
+            &["Authorization: Bearer s3cret-tokeN"],
+            &["Authorization: s3cret-token"],
+        ] {
+            let reply = http1(admin, method, path, wrong);
+            assert_eq!(reply.status, 401, "{method} {path} {wrong:?}");
+            assert_eq!(reply.headers["www-authenticate"], "Bearer");
+        }
+    }
+    // Refused, the drain changed nothing.
+    let drain = format!("/upstreams/app/backends/{}/drain", a.addr);
+    assert_eq!(http1(admin, "POST", &drain, &[]).status, 401);
+    let status = http1(admin, "GET", "/status", &[good]);
+    assert_eq!(status.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(v["upstreams"]["app"]["backends"][0]["draining"], false);
+    assert_eq!(http1(admin, "POST", &drain, &[good]).status, 200);
+    // Prometheus scrapes without it.
+    assert_eq!(get(admin, "/metrics").status, 200);
+    assert_eq!(http1(admin, "POST", "/metrics", &[]).status, 401);
+}
+
+#[test]
+fn an_admin_listener_open_to_other_hosts_without_a_token_is_warned_of() {
+    let a = TestBackend::start("a");
+    let open = simple_config(&[&a]).replace(
+        "admin:\n  bind: 127.0.0.1:0\n",
+        "admin:\n  bind: 0.0.0.0:0\n",
+    );
+    let p = Process::start(&open);
+    let warning = "is reachable from other hosts and has no admin.token";
+    wait_until(std::time::Duration::from_secs(5), "the warning", || {
+        p.log.lock().unwrap().contains(warning)
+    });
+    let guarded = open.replace("  bind: 0.0.0.0:0\n", "  bind: 0.0.0.0:0\n  token: t\n");
+    let p = Process::start(&guarded);
+    let closed = simple_config(&[&a]);
+    let q = Process::start(&closed);
+    // Both have logged their start (their listeners), and neither warns.
+    for p in [&p, &q] {
+        assert!(
+            !p.log.lock().unwrap().contains(warning),
+            "{}",
+            p.log.lock().unwrap()
+        );
+    }
+}
+
+#[test]
+fn admin_token_mistakes_are_reported_at_their_position() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.token"), "\n").unwrap();
+    let base = "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{ upstream: app }]\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n";
+    for (admin, expected) in [
+        (
+            "admin: { token: a, token_file: b }\n",
+            "7:32: admin.token_file: give token or token_file, not both",
+        ),
+        (
+            "admin: { token_file: empty.token }\n",
+            "7:22: admin.token_file: the token is empty",
+        ),
+        (
+            "admin: { token: \"two words\" }\n",
+            "7:17: admin.token: the token must be printable ASCII without spaces",
+        ),
+    ] {
+        let path = dir.path().join("bascule.yaml");
+        std::fs::write(&path, format!("{base}{admin}")).unwrap();
+        let problems = bascule::config::load(&path).unwrap_err().to_string();
+        assert!(problems.contains(expected), "{problems}");
+    }
+}

@@ -338,6 +338,7 @@ impl<'b> Decoder<'b> {
             Some((node, path)) => self.admin(node, &path).map(Some),
             None if admin_given => Some(Some(AdminConfig {
                 bind: SocketAddr::from(([127, 0, 0, 1], 9901)),
+                token: None,
             })),
             None => Some(None),
         };
@@ -499,11 +500,58 @@ impl<'b> Decoder<'b> {
             d.admin_bind = Some(n.pos);
             d.socket_addr(n, p)
         });
+        let token = match (f.get("token"), f.get("token_file")) {
+            (None, None) => Some(None),
+            (Some((n, p)), None) => self.token(n, &p, |_, text| Ok(text)).map(Some),
+            (None, Some((n, p))) => self
+                .token(n, &p, |d, name| {
+                    let file = d.base.join(name);
+                    std::fs::read_to_string(&file)
+                        .map(|text| text.trim().to_string())
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                })
+                .map(Some),
+            (Some(_), Some((n, p))) => {
+                self.problem(Some(n.pos), &p, "give token or token_file, not both");
+                None
+            }
+        };
         self.finish(f);
         if bind.is_some() && self.admin_bind.is_none() {
             self.admin_bind = Some(node.pos);
         }
-        Some(AdminConfig { bind: bind? })
+        Some(AdminConfig {
+            bind: bind?,
+            token: token?,
+        })
+    }
+
+    /// The admin token: `read` turns the key's text into the token (the
+    /// file's content, for `token_file`). Refused when empty or not sendable
+    /// in an HTTP field.
+    fn token(
+        &mut self,
+        node: &Node,
+        path: &str,
+        read: impl FnOnce(&Self, String) -> Result<String, String>,
+    ) -> Option<String> {
+        let text = self.string(node, path)?;
+        match read(self, text) {
+            Ok(token) if token.is_empty() => {
+                self.problem(Some(node.pos), path, "the token is empty");
+                None
+            }
+            Ok(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => {
+                let why = "the token must be printable ASCII without spaces";
+                self.problem(Some(node.pos), path, why);
+                None
+            }
+            Ok(token) => Some(token),
+            Err(why) => {
+                self.problem(Some(node.pos), path, why);
+                None
+            }
+        }
     }
 
     fn upstreams(&mut self, node: &Node, path: &str) -> Option<Vec<Arc<UpstreamConfig>>> {

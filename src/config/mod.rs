@@ -314,9 +314,22 @@ pub struct BackendConfig {
 /// Weights above this are refused: round robin keeps a table as long as the sum of weights.
 pub const MAX_WEIGHT: u32 = 1000;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// `token` or `token_file`: every admin request but `GET /metrics` must
+    /// carry `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+/// The token is never printed.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// Where access log lines go. Off unless configured.
