@@ -1,4 +1,5 @@
-//! Access log lines in the combined log format, with upstream, backend and duration added.
+//! Access log lines: the combined log format with upstream, backend and
+//! duration added, or one JSON object per line (`access_log_format: json`).
 //!
 //! Lines are formatted on the request's thread and written by a dedicated thread,
 //! so a slow disk never stalls the event loop. Off unless configured. A file is
@@ -8,14 +9,20 @@
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::AccessLog;
+use http::{Method, Version};
+use serde_json::json;
+
+use crate::config::{AccessLog, AccessLogFormat};
 
 #[derive(Clone, Debug)]
 pub struct AccessLogger {
     tx: mpsc::Sender<Message>,
+    /// The format is JSON: shared by every clone, so a reload switches it.
+    json: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -39,7 +46,7 @@ fn open(config: &AccessLog) -> io::Result<Option<Box<dyn Write + Send>>> {
 
 impl AccessLogger {
     /// Starts the writer thread; `None` when logging is off.
-    pub fn start(config: &AccessLog) -> io::Result<Option<Self>> {
+    pub fn start(config: &AccessLog, format: AccessLogFormat) -> io::Result<Option<Self>> {
         let Some(out) = open(config)? else {
             return Ok(None);
         };
@@ -76,11 +83,23 @@ impl AccessLogger {
                     let _ = out.flush();
                 }
             })?;
-        Ok(Some(AccessLogger { tx }))
+        let json = Arc::new(AtomicBool::new(format == AccessLogFormat::Json));
+        Ok(Some(AccessLogger { tx, json }))
     }
 
-    pub fn write(&self, line: String) {
+    /// Logs one request, in the format in force.
+    pub fn log(&self, request: &RequestLine, outcome: &Outcome<'_>) {
+        let line = match self.json.load(Ordering::Relaxed) {
+            true => request.json(outcome),
+            false => request.format(outcome),
+        };
         let _ = self.tx.send(Message::Line(line));
+    }
+
+    /// Writes the lines after those already sent in `format` (a reload changed it).
+    pub fn set_format(&self, format: AccessLogFormat) {
+        self.json
+            .store(format == AccessLogFormat::Json, Ordering::Relaxed);
     }
 
     /// Reopens the log file at its path, after the lines already sent.
@@ -99,9 +118,10 @@ impl AccessLogger {
 pub struct RequestLine {
     pub client: IpAddr,
     pub time: SystemTime,
-    pub request: String,
-    pub referer: String,
-    pub user_agent: String,
+    /// Method, target and version; `None` for a request whose head could not be read.
+    pub request: Option<(Method, String, Version)>,
+    pub referer: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 impl RequestLine {
@@ -110,7 +130,6 @@ impl RequestLine {
             req.headers()
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_else(|| "-".into())
         };
         let target = req
             .uri()
@@ -120,7 +139,7 @@ impl RequestLine {
         RequestLine {
             client,
             time: SystemTime::now(),
-            request: format!("{} {} {:?}", req.method(), target, req.version()),
+            request: Some((req.method().clone(), target.to_string(), req.version())),
             referer: header(http::header::REFERER),
             user_agent: header(http::header::USER_AGENT),
         }
@@ -132,10 +151,40 @@ impl RequestLine {
         RequestLine {
             client,
             time: SystemTime::now(),
-            request: "-".into(),
-            referer: "-".into(),
-            user_agent: "-".into(),
+            request: None,
+            referer: None,
+            user_agent: None,
         }
+    }
+
+    /// The line as a JSON object, newline included. Every string is escaped
+    /// by the encoder, and bytes that are not UTF-8 (in a header) were
+    /// replaced when captured: a line is valid JSON whatever a client sent.
+    pub fn json(&self, o: &Outcome<'_>) -> String {
+        let (method, uri) = match &self.request {
+            Some((method, target, _)) => (Some(method.as_str()), Some(target.as_str())),
+            None => (None, None),
+        };
+        let none = |s: &str| (s != crate::metrics::NONE).then(|| s.to_string());
+        let mut line = json!({
+            "time": humantime::format_rfc3339_millis(self.time).to_string(),
+            "client": self.client.to_string(),
+            "method": method,
+            "uri": uri,
+            "status": o.status,
+            "bytes": o.bytes,
+            "duration": o.took.as_secs_f64(),
+            "upstream": none(o.upstream),
+            "backend": none(o.backend),
+            "attempts": o.attempts,
+            "cache": o.cache,
+            "queued": o.queued.as_secs_f64(),
+            "referer": self.referer,
+            "user_agent": self.user_agent,
+        })
+        .to_string();
+        line.push('\n');
+        line
     }
 
     /// The finished line, newline included.
@@ -150,15 +199,24 @@ impl RequestLine {
             "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" upstream={} backend={} duration={:.6}{queued}{cache}\n",
             self.client,
             clf_time(self.time),
-            escape(&self.request),
+            escape(&self.request_text()),
             o.status,
             o.bytes,
-            escape(&self.referer),
-            escape(&self.user_agent),
+            escape(self.referer.as_deref().unwrap_or("-")),
+            escape(self.user_agent.as_deref().unwrap_or("-")),
             o.upstream,
             o.backend,
             o.took.as_secs_f64()
         )
+    }
+}
+
+impl RequestLine {
+    fn request_text(&self) -> String {
+        match &self.request {
+            Some((method, target, version)) => format!("{method} {target} {version:?}"),
+            None => "-".into(),
+        }
     }
 }
 
@@ -172,6 +230,8 @@ pub struct Outcome<'a> {
     pub took: Duration,
     /// Time spent in the upstream's queue; zero (not written) when it did not wait.
     pub queued: Duration,
+    /// Backends tried: 0 for a reply made without one, 1 and more with retries.
+    pub attempts: u8,
     /// The cache's result, on a cached route.
     pub cache: Option<&'a str>,
 }
@@ -220,6 +280,67 @@ mod tests {
         assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    fn a_json_line_is_valid_whatever_the_request_held() {
+        let req = http::Request::get("/a\\b{c}|^?q=%00%22'`")
+            .header(
+                "user-agent",
+                http::HeaderValue::from_bytes(b"t\tx\"y\\\xff").unwrap(),
+            )
+            .body(())
+            .unwrap();
+        let mut line = RequestLine::capture(&req, "10.0.0.1".parse().unwrap());
+        line.time = UNIX_EPOCH + Duration::from_millis(1_795_321_463_250);
+        let s = line.json(&Outcome {
+            status: 200,
+            bytes: 12,
+            upstream: "app",
+            backend: "127.0.0.1:9001",
+            took: Duration::from_millis(3),
+            attempts: 2,
+            cache: Some("miss"),
+            ..Outcome::default()
+        });
+        assert!(s.ends_with('\n') && s.matches('\n').count() == 1, "{s}");
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["time"], "2026-11-22T04:24:23.250Z");
+        assert_eq!(v["client"], "10.0.0.1");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["uri"], "/a\\b{c}|^?q=%00%22'`");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes"], 12);
+        assert_eq!(v["duration"], 0.003);
+        assert_eq!(
+            (v["upstream"].as_str(), v["backend"].as_str()),
+            (Some("app"), Some("127.0.0.1:9001"))
+        );
+        assert_eq!(v["attempts"], 2);
+        assert_eq!(v["cache"], "miss");
+        assert_eq!(v["user_agent"], "t\tx\"y\\\u{fffd}");
+        assert_eq!(v["referer"], serde_json::Value::Null);
+        // A request never read, and a reply made without a backend.
+        let s = RequestLine::unread("::1".parse().unwrap()).json(&Outcome {
+            status: 400,
+            upstream: crate::metrics::NONE,
+            backend: crate::metrics::NONE,
+            ..Outcome::default()
+        });
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(
+            (&v["method"], &v["uri"], &v["upstream"], &v["backend"]),
+            (
+                &serde_json::Value::Null,
+                &serde_json::Value::Null,
+                &serde_json::Value::Null,
+                &serde_json::Value::Null
+            )
+        );
+        assert_eq!(
+            (&v["client"], &v["status"], &v["attempts"]),
+            (&json!("::1"), &json!(400), &json!(0))
+        );
     }
 
     #[test]

@@ -110,8 +110,8 @@ impl Server {
     /// As `start`, with `layers` added to routes (`stack.rs`), now and on every reload.
     pub fn start_with(config: Config, layers: Layers) -> Result<Server, StartError> {
         let workers = config.worker_count();
-        let access_log =
-            AccessLogger::start(&config.access_log).map_err(|source| StartError::AccessLog {
+        let access_log = AccessLogger::start(&config.access_log, config.access_log_format)
+            .map_err(|source| StartError::AccessLog {
                 path: match &config.access_log {
                     crate::config::AccessLog::File(path) => path.clone(),
                     _ => "stderr".into(),
@@ -729,6 +729,7 @@ impl Server {
             tracing::warn!("reload: {line}");
         }
         if let Some(log) = &self.access_log {
+            log.set_format(config.access_log_format);
             if config.access_log != current.config.access_log
                 && config.access_log != crate::config::AccessLog::Off
             {

@@ -277,3 +277,50 @@ fn admin_token_mistakes_are_reported_at_their_position() {
         assert!(problems.contains(expected), "{problems}");
     }
 }
+
+#[test]
+fn a_json_access_log_line_per_request_whatever_its_bytes() {
+    let a = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml =
+        simple_config(&[&a]) + &format!("access_log: {}\naccess_log_format: json\n", log.display());
+    let lb = Balancer::start(&yaml);
+    let mut hostile = b"GET /a\\b{c}|^?q=%00%22'` HTTP/1.1\r\nHost: x\r\nUser-Agent: t\tx\"y\\\xff\r\nConnection: close\r\n\r\n".to_vec();
+    let reply = parse_reply(&raw_exchange(lb.addr, &hostile));
+    assert_eq!(reply.status, 200);
+    hostile = b"GET /a\"b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
+    assert_eq!(parse_reply(&raw_exchange(lb.addr, &hostile)).status, 200);
+    // A control byte in a field's name: refused unread (400), logged all the same.
+    hostile = b"GET / HTTP/1.1\r\nHost: x\r\nBad\x01: x\r\n\r\n".to_vec();
+    assert_eq!(parse_reply(&raw_exchange(lb.addr, &hostile)).status, 400);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "three log lines",
+        || std::fs::read_to_string(&log).is_ok_and(|s| s.lines().count() == 3),
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    println!("{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let served = &lines[0];
+    assert_eq!(served["method"], "GET");
+    assert_eq!(served["uri"], "/a\\b{c}|^?q=%00%22'`");
+    assert_eq!(served["status"], 200);
+    assert_eq!(served["bytes"], 1);
+    assert_eq!(served["upstream"], "app");
+    assert_eq!(served["backend"], a.addr.to_string());
+    assert_eq!(served["attempts"], 1);
+    assert_eq!(served["cache"], serde_json::Value::Null);
+    assert_eq!(served["client"], "127.0.0.1");
+    assert_eq!(served["user_agent"], "t\tx\"y\\\u{fffd}");
+    assert!(served["duration"].as_f64().unwrap() >= 0.0);
+    assert!(served["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["uri"], "/a\"b");
+    let refused = &lines[2];
+    assert_eq!(refused["status"], 400);
+    assert_eq!(refused["uri"], serde_json::Value::Null);
+    assert_eq!(refused["attempts"], 0);
+}

@@ -349,6 +349,18 @@ impl<'b> Decoder<'b> {
             Self::duration,
         );
         let access_log = self.optional(&mut f, "access_log", AccessLog::Off, Self::access_log);
+        let access_log_format = self.optional(
+            &mut f,
+            "access_log_format",
+            AccessLogFormat::Combined,
+            |d, n, p| {
+                d.parsed(n, p, "an access log format", |s| match s {
+                    "combined" => Ok(AccessLogFormat::Combined),
+                    "json" => Ok(AccessLogFormat::Json),
+                    _ => Err(" (expected combined or json)".into()),
+                })
+            },
+        );
         let workers = self.optional(&mut f, "workers", None, |d, n, p| {
             d.integer(n, p, 1, 1024).map(|n| Some(n as usize))
         });
@@ -366,6 +378,7 @@ impl<'b> Decoder<'b> {
             admin: admin?,
             shutdown_timeout: shutdown_timeout?,
             access_log: access_log?,
+            access_log_format: access_log_format?,
             workers: workers?,
             caches: caches?,
         };

@@ -31,6 +31,8 @@ pub struct Config {
     /// How long SIGTERM waits for requests and tunnels in flight. Default 30s.
     pub shutdown_timeout: Duration,
     pub access_log: AccessLog,
+    /// `combined` (default) or `json`.
+    pub access_log_format: AccessLogFormat,
     /// Worker threads, each with its own event loop and listening sockets.
     /// Default: one per CPU the process may run on.
     pub workers: Option<usize>,
@@ -330,6 +332,16 @@ impl std::fmt::Debug for AdminConfig {
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .finish()
     }
+}
+
+/// How access log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// NGINX's and Apache's combined format, with bascule's fields appended.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Where access log lines go. Off unless configured.

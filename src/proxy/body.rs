@@ -35,6 +35,8 @@ pub struct Exchange {
     /// (saturating: 71 minutes). Not a `Duration`: the record moves with every
     /// body, and this keeps it as small as it was.
     pub queued_us: u32,
+    /// Backends this request was sent to, retries included.
+    pub attempts: u8,
     /// How the route's cache served it, if it has one (`hit_memory`, `miss`...).
     pub cache: Option<&'static str>,
     log: Option<(AccessLogger, Box<RequestLine>)>,
@@ -51,6 +53,7 @@ impl Exchange {
             backend: None,
             in_flight: None,
             queued_us: 0,
+            attempts: 0,
             cache: None,
             log,
             _busy: busy,
@@ -82,15 +85,19 @@ impl Drop for Exchange {
                 (Some(u), Some(b)) => u.backends[b].address.as_str(),
                 _ => m::NONE,
             };
-            logger.write(line.format(&crate::access_log::Outcome {
-                status: self.status,
-                bytes: self.bytes,
-                upstream,
-                backend,
-                took,
-                queued: Duration::from_micros(self.queued_us.into()),
-                cache: self.cache,
-            }));
+            logger.log(
+                &line,
+                &crate::access_log::Outcome {
+                    status: self.status,
+                    bytes: self.bytes,
+                    upstream,
+                    backend,
+                    took,
+                    queued: Duration::from_micros(self.queued_us.into()),
+                    attempts: self.attempts,
+                    cache: self.cache,
+                },
+            );
         }
     }
 }

@@ -337,6 +337,7 @@ async fn send_with_retries(
         tried[attempt] = chosen;
         let backend = &upstream.backends[chosen];
         ex.backend = Some(chosen);
+        ex.attempts += 1;
         ex.in_flight = Some(in_flight);
         let mut target = std::mem::take(out.uri_mut()).into_parts();
         target.scheme = Some(match upstream.config.tls {
