@@ -89,3 +89,91 @@ fn the_example_shows_every_key_the_decoder_knows() {
         assert!(given.contains(key), "{key} not seen in {given:?}");
     }
 }
+
+/// The ready-made configs in `conf/examples/`, each with the files it names
+/// (certificates, a sticky secret file, an admin token file) made beside it.
+fn ready_made() -> Vec<(String, tempfile::TempDir)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/examples");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let place = tempfile::tempdir().unwrap();
+        std::fs::create_dir(place.path().join("certs")).unwrap();
+        for name in ["www.example.com", "api.example.com"] {
+            let cert = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+            let certs = place.path().join("certs");
+            std::fs::write(certs.join(format!("{name}.pem")), cert.cert.pem()).unwrap();
+            let key = cert.signing_key.serialize_pem();
+            std::fs::write(certs.join(format!("{name}.key")), key).unwrap();
+        }
+        std::fs::write(place.path().join("sticky.keys"), "a long random secret\n").unwrap();
+        std::fs::write(place.path().join("admin.token"), "a-long-random-token\n").unwrap();
+        std::fs::copy(&path, place.path().join("bascule.yaml")).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        out.push((name, place));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn every_ready_made_config_passes_check() {
+    let configs = ready_made();
+    let names: Vec<&str> = configs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "fast-failover.yaml",
+            "read-write-split.yaml",
+            "sharded-cache.yaml",
+            "tls-termination.yaml"
+        ]
+    );
+    for (name, place) in &configs {
+        let config = place.path().join("bascule.yaml");
+        let out = Command::new(common::bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.ends_with(": ok\n"),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_systemd_unit_runs_commands_the_binary_takes() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf/examples/bascule.service"
+    ))
+    .unwrap();
+    let command = |key: &str| -> Vec<String> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    let (pre, start) = (command("ExecStartPre="), command("ExecStart="));
+    assert_eq!(pre[0], "/usr/local/bin/bascule");
+    // The check before the start is of the file the start runs.
+    assert_eq!(pre[1..], ["check", "--config", "/etc/bascule/bascule.yaml"]);
+    assert_eq!(start[1..], ["--config", "/etc/bascule/bascule.yaml"]);
+    assert_eq!(command("ExecReload="), ["/bin/kill", "-HUP", "$MAINPID"]);
+    // The check's command line, on a ready-made config instead of /etc's.
+    let (_, place) = &ready_made()[0];
+    let out = Command::new(common::bin())
+        .args(&pre[1..3])
+        .arg(place.path().join("bascule.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
