@@ -122,10 +122,10 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         return drain(state, rest);
     }
-    if !matches!(path, "/status" | "/metrics") {
+    if !matches!(path, "/status" | "/metrics" | "/explain") {
         return text(
             StatusCode::NOT_FOUND,
-            "404 Not Found: try /status, /metrics or POST /upstreams/NAME/backends/ADDRESS/drain\n"
+            "404 Not Found: try /status, /metrics, /explain?url=URL or POST /upstreams/NAME/backends/ADDRESS/drain\n"
                 .into(),
         );
     }
@@ -136,6 +136,12 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         );
     }
     let snapshot = state.load_full();
+    if path == "/explain" {
+        return match crate::explain::explain(&snapshot, req.uri().query().unwrap_or("")) {
+            Ok(answer) => json_reply(answer),
+            Err(why) => text(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n")),
+        };
+    }
     let (body, content_type) = if path == "/status" {
         let mut json = status(&snapshot);
         if let Some(last) = state

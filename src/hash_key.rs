@@ -10,20 +10,33 @@ use crate::config::HashKey;
 
 /// The hash of the request's key, or `None` when the request does not carry it.
 /// Values are hashed as sent: query values are not percent-decoded.
+#[inline]
 pub fn key_hash<B>(key: &HashKey, req: &Request<B>, client: IpAddr) -> Option<u64> {
+    with_key(key, req, client, hash64)
+}
+
+/// `f` of the request's key as it is hashed (the client IP's octets), or
+/// `None` when the request does not carry it.
+#[inline(always)]
+pub fn with_key<B, R>(
+    key: &HashKey,
+    req: &Request<B>,
+    client: IpAddr,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Option<R> {
     match key {
         HashKey::ClientIp => Some(match client {
-            IpAddr::V4(ip) => hash64(&ip.octets()),
-            IpAddr::V6(ip) => hash64(&ip.octets()),
+            IpAddr::V4(ip) => f(&ip.octets()),
+            IpAddr::V6(ip) => f(&ip.octets()),
         }),
-        HashKey::Path => Some(hash64(req.uri().path().as_bytes())),
-        HashKey::Header(name) => req.headers().get(name).map(|v| hash64(v.as_bytes())),
-        HashKey::Cookie(name) => cookie(req, name).map(hash64),
+        HashKey::Path => Some(f(req.uri().path().as_bytes())),
+        HashKey::Header(name) => req.headers().get(name).map(|v| f(v.as_bytes())),
+        HashKey::Cookie(name) => cookie(req, name).map(f),
         HashKey::Query(name) => req.uri().query().and_then(|q| {
             q.split('&')
                 .filter_map(|pair| pair.split_once('='))
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| hash64(v.as_bytes()))
+                .map(|(_, v)| f(v.as_bytes()))
         }),
     }
 }

@@ -25,6 +25,8 @@ pub mod config;
 #[forbid(unsafe_code)]
 pub mod entry;
 #[forbid(unsafe_code)]
+pub mod explain;
+#[forbid(unsafe_code)]
 pub mod failure;
 #[forbid(unsafe_code)]
 pub mod hash_key;

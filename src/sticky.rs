@@ -229,21 +229,29 @@ impl Sticky {
     /// The backend the request's cookie pins it to, if the cookie is valid and
     /// names a backend of this upstream. Rejections are counted.
     pub fn pinned<B>(&self, upstream: &str, req: &http::Request<B>) -> Option<usize> {
-        let value = crate::hash_key::cookie(req, &self.cookie)?;
-        let id = open(&self.secrets, upstream, value, self.ttl, unix_now());
-        let found = id.and_then(|id| {
-            self.ids
-                .iter()
-                .position(|&i| i == id)
-                .ok_or(Rejected::UnknownBackend)
-        });
-        match found {
+        match self.find(upstream, req)? {
             Ok(index) => Some(index),
             Err(r) => {
                 self.rejected[r as usize].increment(1);
                 None
             }
         }
+    }
+
+    /// As `pinned`, counting nothing: for `/explain`.
+    pub fn peek_pinned<B>(&self, upstream: &str, req: &http::Request<B>) -> Option<usize> {
+        self.find(upstream, req)?.ok()
+    }
+
+    fn find<B>(&self, upstream: &str, req: &http::Request<B>) -> Option<Result<usize, Rejected>> {
+        let value = crate::hash_key::cookie(req, &self.cookie)?;
+        let id = open(&self.secrets, upstream, value, self.ttl, unix_now());
+        Some(id.and_then(|id| {
+            self.ids
+                .iter()
+                .position(|&i| i == id)
+                .ok_or(Rejected::UnknownBackend)
+        }))
     }
 
     /// Counts a valid cookie whose backend cannot take the request (down, ejected).

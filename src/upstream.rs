@@ -7,7 +7,7 @@ use std::sync::Arc;
 use metrics::{Counter, Histogram};
 
 use crate::backend::Backend;
-use crate::balance::{LeastConnections, Ring, RoundRobin, Selector};
+use crate::balance::{LeastConnections, Ring, RoundRobin, Selector, Step};
 use crate::config::{Balance, RetryBudgetConfig, UpstreamConfig};
 use crate::metrics::{self as m, RequestCounters};
 use crate::queue::{Admission, Admit, InFlight, Load, Rejected, Want};
@@ -88,13 +88,14 @@ impl Upstream {
     /// `key` is the request's consistent-hashing key, if it has one.
     #[inline]
     pub fn pick_index(&self, tried: &[usize], key: Option<u64>) -> Option<usize> {
-        self.pick_where(tried, key, |_| true)
+        self.pick_where(Step::Take, tried, key, |_| true)
     }
 
     /// As `pick_index`, among the backends `allowed` allows.
     #[inline(always)]
     fn pick_where(
         &self,
+        step: Step,
         tried: &[usize],
         key: Option<u64>,
         allowed: impl Fn(usize) -> bool,
@@ -102,9 +103,10 @@ impl Upstream {
         let untried = |i: usize| !tried.contains(&i) && allowed(i);
         let load = |i: usize| self.backends[i].state.active_requests();
         let total = || self.load.in_flight();
-        let usable = |i: usize| untried(i) && self.backends[i].state.is_usable() && self.admits(i);
-        match self.selector.pick(key, usable, load, total) {
-            None if self.config.fail_open => self.selector.pick(key, untried, load, total),
+        let usable =
+            |i: usize| untried(i) && self.backends[i].state.is_usable() && self.admits(i, step);
+        match self.selector.pick(step, key, usable, load, total) {
+            None if self.config.fail_open => self.selector.pick(step, key, untried, load, total),
             chosen => chosen,
         }
     }
@@ -137,7 +139,7 @@ impl Upstream {
     /// its ramp (0 to 1), so its share of round robin or least connections
     /// grows linearly over the window. Consistent hashing is left alone: keys
     /// must not flap between backends.
-    fn admits(&self, i: usize) -> bool {
+    fn admits(&self, i: usize, step: Step) -> bool {
         let Some(window) = self.config.slow_start else {
             return true;
         };
@@ -148,7 +150,11 @@ impl Upstream {
         if ramp >= 1.0 {
             return true;
         }
-        let draw = crate::balance::hash::mix(self.admissions.fetch_add(1, Ordering::Relaxed));
+        let admission = match step {
+            Step::Take => self.admissions.fetch_add(1, Ordering::Relaxed),
+            Step::Peek => self.admissions.load(Ordering::Relaxed),
+        };
+        let draw = crate::balance::hash::mix(admission);
         ((draw % 10_000) as f64) < ramp * 10_000.0
     }
 }
@@ -185,7 +191,7 @@ impl Upstream {
             };
         }
         let room = |i: usize| self.backends[i].state.has_room();
-        match self.pick_where(want.tried, None, room) {
+        match self.pick_where(Step::Take, want.tried, None, room) {
             Some(i) => self.take(i),
             None if self.any_usable(want.tried) => Admission::Full,
             None => Admission::Nowhere,
@@ -196,6 +202,76 @@ impl Upstream {
     fn any_usable(&self, tried: &[usize]) -> bool {
         (0..self.backends.len())
             .any(|i| !tried.contains(&i) && (self.config.fail_open || self.is_usable(i)))
+    }
+}
+
+/// What the upstream would do with a request now, and why: `/explain`.
+#[derive(Debug)]
+pub struct Explained {
+    /// The backend it would go to (at once, or once it has room); `None`
+    /// when none is usable, or when it would wait for whichever frees first.
+    pub backend: Option<usize>,
+    /// Its sticky cookie's backend, when that is the one.
+    pub pinned: bool,
+    /// For a hash key: the key's own backend, were every backend usable.
+    pub home: Option<usize>,
+    /// It would wait in the queue (every backend it may use is full).
+    pub waits: bool,
+    /// Backends a pick passes over now, each with the reason.
+    pub skipped: Vec<(usize, &'static str)>,
+}
+
+impl Upstream {
+    /// The pick a request with `key` and `pinned` would get now, made by the
+    /// same selection as requests' (`pick_where`), looking only: no rotation
+    /// moves, no slow-start draw is taken, nothing is counted in flight.
+    pub fn explain(&self, key: Option<u64>, pinned: Option<usize>) -> Explained {
+        let skipped = (0..self.backends.len())
+            .filter_map(|i| Some((i, self.passed_over(i)?)))
+            .collect();
+        let room = |i: usize| self.backends[i].state.has_room();
+        let pinned = pinned.filter(|&i| self.is_usable(i));
+        let unkeyed_with_limits = self.limited && key.is_none() && pinned.is_none();
+        let backend = match pinned {
+            Some(i) => Some(i),
+            None if unkeyed_with_limits => self.pick_where(Step::Peek, &[], None, room),
+            None => self.pick_where(Step::Peek, &[], key, |_| true),
+        };
+        let waits = match backend {
+            Some(i) => self.limited && !room(i),
+            None => unkeyed_with_limits && self.any_usable(&[]),
+        };
+        let load = |i: usize| self.backends[i].state.active_requests();
+        let home = key.and_then(|k| {
+            let total = || self.load.in_flight();
+            self.selector
+                .pick(Step::Peek, Some(k), |_| true, load, total)
+        });
+        Explained {
+            backend,
+            pinned: pinned.is_some(),
+            home,
+            waits,
+            skipped,
+        }
+    }
+
+    /// Why a pick passes backend `i` over now, if it does.
+    fn passed_over(&self, i: usize) -> Option<&'static str> {
+        let state = &self.backends[i].state;
+        Some(if !state.is_healthy() {
+            "down"
+        } else if state.ejected_for().is_some() {
+            "ejected"
+        } else if state.is_draining() {
+            "draining"
+        } else if !state.has_room() {
+            "full"
+        } else if !self.admits(i, Step::Peek) {
+            "slow_start"
+        } else {
+            return None;
+        })
     }
 }
 

@@ -38,11 +38,32 @@ impl LeastConnections {
         usable: impl Fn(usize) -> bool,
         load: impl Fn(usize) -> usize,
     ) -> Option<usize> {
-        let n = self.weights.len();
-        if n == 0 {
+        if self.weights.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        self.from(self.next.fetch_add(1, Ordering::Relaxed), usable, load)
+    }
+
+    /// What `pick` would answer now, without moving the tie-breaking rotation on.
+    pub fn peek(
+        &self,
+        usable: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> usize,
+    ) -> Option<usize> {
+        if self.weights.is_empty() {
+            return None;
+        }
+        self.from(self.next.load(Ordering::Relaxed), usable, load)
+    }
+
+    fn from(
+        &self,
+        start: usize,
+        usable: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> usize,
+    ) -> Option<usize> {
+        let n = self.weights.len();
+        let start = start % n;
         let mut best: Option<(usize, u64, u64)> = None;
         let mut compared = 0;
         for i in (start..n).chain(0..start) {

@@ -24,22 +24,40 @@ pub enum Selector {
     ConsistentHash(Ring, RoundRobin),
 }
 
+/// Whether a pick moves the selector on (a request's), or only looks
+/// (`/explain`'s, which must change nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Take,
+    Peek,
+}
+
 impl Selector {
     /// The chosen index. `key` is the request's hash key (consistent hashing
     /// only); `load(i)` backend i's requests in flight and `total_load` their sum.
+    #[inline(always)]
     pub fn pick(
         &self,
+        step: Step,
         key: Option<u64>,
         usable: impl Fn(usize) -> bool,
         load: impl Fn(usize) -> usize,
         total_load: impl FnOnce() -> usize,
     ) -> Option<usize> {
+        let round = |rr: &RoundRobin, usable| match step {
+            Step::Take => rr.pick(usable),
+            Step::Peek => rr.peek(usable),
+        };
         match self {
-            Selector::RoundRobin(rr) => rr.pick(usable),
-            Selector::LeastConnections(lc) => lc.pick(usable, load),
+            Selector::RoundRobin(rr) => round(rr, usable),
+            Selector::LeastConnections(lc) => match step {
+                Step::Take => lc.pick(usable, load),
+                Step::Peek => lc.peek(usable, load),
+            },
             Selector::ConsistentHash(ring, rr) => match key {
+                // The ring keeps no state: a look is a pick.
                 Some(key) => ring.pick(key, usable, load, total_load),
-                None => rr.pick(usable),
+                None => round(rr, usable),
             },
         }
     }

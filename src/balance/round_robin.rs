@@ -46,11 +46,22 @@ impl RoundRobin {
     /// The next backend for which `usable` holds, or `None` when none does.
     /// Unusable backends are skipped in cycle order.
     pub fn pick(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        let len = self.order.len();
-        if len == 0 {
+        if self.order.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        self.from(self.next.fetch_add(1, Ordering::Relaxed), usable)
+    }
+
+    /// What `pick` would answer now, without moving the rotation on.
+    pub fn peek(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.order.is_empty() {
+            return None;
+        }
+        self.from(self.next.load(Ordering::Relaxed), usable)
+    }
+
+    fn from(&self, start: usize, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let len = self.order.len();
         (0..len)
             .map(|i| self.order[(start.wrapping_add(i)) % len] as usize)
             .find(|&b| usable(b))
@@ -72,6 +83,15 @@ mod tests {
     fn nginx_smooth_sequence() {
         assert_eq!(sequence(&[5, 1, 1], 7), "aabacaa");
         assert_eq!(sequence(&[5, 1, 1], 14), "aabacaaaabacaa");
+    }
+
+    #[test]
+    fn a_peek_answers_as_the_next_pick_and_moves_nothing() {
+        let rr = RoundRobin::new(&[1, 1, 1]);
+        rr.pick(|_| true);
+        assert_eq!(rr.peek(|_| true), Some(1));
+        assert_eq!(rr.peek(|i| i != 1), Some(2));
+        assert_eq!(rr.pick(|_| true), Some(1));
     }
 
     #[test]

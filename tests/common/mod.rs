@@ -707,8 +707,13 @@ pub fn status_json(admin: SocketAddr) -> serde_json::Value {
 
 /// Whether `/status` shows the backend at `addr` of upstream `app` as healthy.
 pub fn shown_healthy(admin: SocketAddr, addr: SocketAddr) -> bool {
+    shown_healthy_in(admin, "app", addr)
+}
+
+/// Whether `/status` shows the backend at `addr` of `upstream` as healthy.
+pub fn shown_healthy_in(admin: SocketAddr, upstream: &str, addr: SocketAddr) -> bool {
     let v = status_json(admin);
-    v["upstreams"]["app"]["backends"]
+    v["upstreams"][upstream]["backends"]
         .as_array()
         .unwrap()
         .iter()
