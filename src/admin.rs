@@ -70,8 +70,8 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
 }
 
 /// With `admin.token` set, every request but `GET /metrics` (which
-/// Prometheus scrapes, and which changes nothing) carries the token as a
-/// bearer token, compared in constant time.
+/// Prometheus scrapes, and which changes nothing) and the status page's own
+/// HTML carries the token as a bearer token, compared in constant time.
 fn authorized<B>(state: &State, req: &Request<B>) -> bool {
     let snapshot = state.load();
     let Some(token) = snapshot
@@ -82,7 +82,10 @@ fn authorized<B>(state: &State, req: &Request<B>) -> bool {
     else {
         return true;
     };
-    if req.uri().path() == "/metrics" && matches!(*req.method(), Method::GET | Method::HEAD) {
+    // The status page is static: it asks for its figures from /status, with the token.
+    if matches!(req.uri().path(), "/metrics" | "/")
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+    {
         return true;
     }
     let Some(field) = req.headers().get(http::header::AUTHORIZATION) else {
@@ -121,6 +124,14 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
         }
         return drain(state, rest);
+    }
+    if path == "/" && matches!(*method, Method::GET | Method::HEAD) {
+        let mut resp = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        return resp;
     }
     if !matches!(path, "/status" | "/metrics" | "/explain") {
         return text(
@@ -165,6 +176,10 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
+
+/// `GET /`: the live status page, one file with its style and script (no
+/// external asset), which polls `/status`.
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 /// The largest purge request read.
 const PURGE_BODY_LIMIT: usize = 1 << 20;
@@ -298,14 +313,18 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                 .backends
                 .iter()
                 .map(|b| {
+                    let (requests, errors) = b.requests.totals();
                     json!({
                         "address": b.address,
+                        "requests": requests,
+                        "errors": errors,
                         "weight": b.weight,
                         "healthy": b.state.is_healthy(),
                         "draining": b.state.is_draining(),
                         "ejected": b.state.ejected_for().is_some(),
                         "active_requests": b.state.active_requests(),
                         "max_connections": b.state.limit(),
+                        "slow_start": u.config.slow_start.is_some_and(|w| b.state.ramp(w) < 1.0),
                     })
                 })
                 .collect();
@@ -340,7 +359,13 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
             )
         })
         .collect();
-    json!({ "upstreams": upstreams, "listeners": listeners, "caches": caches })
+    json!({
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "upstreams": upstreams,
+        "listeners": listeners,
+        "caches": caches,
+    })
 }
 
 /// Sets the gauges that mirror backend state, then renders every metric.

@@ -5,6 +5,7 @@
 //! looked up once, when a runtime snapshot is built, so a request only bumps
 //! atomics: no label formatting or registry lookup per request.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{Counter, Histogram};
@@ -66,6 +67,10 @@ pub struct RequestCounters {
     upstream: String,
     backend: String,
     by_class: [OnceLock<Box<[OnceLock<Counter>]>>; 5],
+    /// Every reply, and the 5xx among them, readable for `/status` (and the
+    /// status page's rates), where the recorder's counters are not.
+    total: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl RequestCounters {
@@ -75,11 +80,25 @@ impl RequestCounters {
             upstream: upstream.to_string(),
             backend: backend.to_string(),
             by_class: Default::default(),
+            total: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         }
+    }
+
+    /// Replies counted, and the 5xx among them.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.total.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
     }
 
     pub fn count(&self, status: u16) {
         let status = status.clamp(100, 599);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
         let class = self.by_class[usize::from(status / 100 - 1)]
             .get_or_init(|| (0..100).map(|_| OnceLock::new()).collect());
         class[usize::from(status % 100)]
