@@ -224,7 +224,7 @@ fn a_client_that_leaves_the_queue_never_reaches_the_backend() {
     drop(leaver);
     // Out of the queue at once, not when its turn would have come.
     wait_until(
-        Duration::from_secs(1),
+        Duration::from_millis(300),
         "the leaver to leave the queue",
         || queue_depth(lb.admin()) == 0,
     );
@@ -427,4 +427,47 @@ fn a_retry_that_finds_every_other_backend_full_waits_in_the_queue() {
         1.0
     );
     assert_eq!(holder.unwrap().join().unwrap().0.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_while_queued_leaves_the_queue() {
+    let b = TestBackend::start("b");
+    let yaml = config("    max_connections: 1\n", &backend_list(&[&b]));
+    let lb = tokio::task::spawn_blocking(move || Balancer::start(&yaml))
+        .await
+        .unwrap();
+    let (addr, admin) = (lb.addr, lb.admin());
+    let holder = send(addr, "/slow?ms=1500");
+    let depth = move || queue_depth(admin);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut h2 = h2_client(stream).await;
+    let req = http::Request::builder()
+        .uri(format!("http://{addr}/gone"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let waiting = tokio::spawn(h2.send_request(req));
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(5), "the stream to queue", || {
+            depth() == 1
+        })
+    })
+    .await
+    .unwrap();
+    // The client gives up on the stream: hyper resets it (RST_STREAM).
+    waiting.abort();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            Duration::from_millis(300),
+            "the stream to leave the queue",
+            || depth() == 0,
+        )
+    })
+    .await
+    .unwrap();
+    let (reply, _) = tokio::task::spawn_blocking(move || holder.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(b.requests().iter().all(|s| s.path != "/gone"));
+    drop(lb);
 }
