@@ -1,27 +1,37 @@
-//! The admin listener: `GET /status` (JSON) and `GET /metrics` (Prometheus text),
-//! drains and cache purges; behind a bearer token when `admin.token` is set.
+//! The admin listener: the status page, `GET /status` (JSON), `GET /metrics`
+//! (Prometheus text), `GET /explain`, drains, runtime backend changes and
+//! cache purges; behind a bearer token when `admin.token` is set.
 //!
 //! It runs on the control thread (with health checks), so a busy request path
 //! never delays a scrape, and a slow scraper never takes a worker's time.
+//! Routing is axum's, served by the same hyper as the request path.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State as Shared};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
+use http::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache;
+use crate::membership::Refused;
 use crate::metrics as m;
 use crate::state::{Snapshot, State};
+
+type Reply = Response;
 
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: CancellationToken) {
@@ -30,6 +40,7 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
         Ok(l) => l,
         Err(e) => return tracing::error!("cannot use the admin socket: {e}"),
     };
+    let service = TowerToHyperService::new(router(state));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -42,24 +53,8 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
                 }
             },
         };
-        let state = state.clone();
+        let service = service.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    if !authorized(&state, &req) {
-                        return Ok(unauthorized());
-                    }
-                    let resp = match req.uri().path().strip_prefix("/caches/") {
-                        Some(rest) => {
-                            let rest = rest.to_string();
-                            purge(&state, &rest, req).await
-                        }
-                        None => respond(&state, &req),
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -69,10 +64,49 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<State>, shutdown: C
     }
 }
 
+/// Every admin endpoint.
+pub fn router(state: Arc<State>) -> Router {
+    let backend = "/upstreams/{upstream}/backends/{address}";
+    Router::new()
+        .route("/", get(page))
+        .route("/status", get(status_reply))
+        .route("/metrics", get(metrics_reply))
+        .route("/explain", get(explain))
+        .route("/upstreams/{upstream}/backends", post(add_backend))
+        .route(backend, axum::routing::delete(remove_backend))
+        .route(&format!("{backend}/weight"), put(set_weight))
+        .route(&format!("{backend}/{{action}}"), post(drain))
+        .route("/caches/{cache}/purge", post(purge))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// The largest request body read (a purge's list of URLs, a backend to add).
+const BODY_LIMIT: usize = 1 << 20;
+
 /// With `admin.token` set, every request but `GET /metrics` (which
 /// Prometheus scrapes, and which changes nothing) and the status page's own
 /// HTML carries the token as a bearer token, compared in constant time.
-fn authorized<B>(state: &State, req: &Request<B>) -> bool {
+async fn authorize(Shared(state): Shared<Arc<State>>, req: Request, next: Next) -> Reply {
+    if authorized(&state, &req) {
+        next.run(req).await
+    } else {
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "401 Unauthorized: this admin endpoint needs Authorization: Bearer TOKEN (admin.token)",
+        );
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        resp
+    }
+}
+
+fn authorized<B>(state: &State, req: &http::Request<B>) -> bool {
     let snapshot = state.load();
     let Some(token) = snapshot
         .config
@@ -100,201 +134,256 @@ fn authorized<B>(state: &State, req: &Request<B>) -> bool {
     }
 }
 
-fn unauthorized() -> Response<Full<Bytes>> {
-    let mut resp = text(
-        StatusCode::UNAUTHORIZED,
-        "401 Unauthorized: this admin endpoint needs Authorization: Bearer TOKEN (admin.token)\n"
-            .into(),
-    );
-    resp.headers_mut().insert(
-        http::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer"),
-    );
-    resp
+async fn not_found() -> Reply {
+    text(
+        StatusCode::NOT_FOUND,
+        "404 Not Found: try /, /status, /metrics, /explain?url=URL, /upstreams/NAME/backends/ADDRESS \
+         or /caches/NAME/purge",
+    )
 }
 
-fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    let method = req.method();
-    if let Some(rest) = path.strip_prefix("/upstreams/") {
-        if method != Method::POST {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "405 Method Not Allowed: use POST\n".into(),
-            );
-        }
-        return drain(state, rest);
-    }
-    if path == "/" && matches!(*method, Method::GET | Method::HEAD) {
-        let mut resp = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
-        return resp;
-    }
-    if !matches!(path, "/status" | "/metrics" | "/explain") {
-        return text(
-            StatusCode::NOT_FOUND,
-            "404 Not Found: try /status, /metrics, /explain?url=URL or POST /upstreams/NAME/backends/ADDRESS/drain\n"
-                .into(),
-        );
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed: use GET\n".into(),
-        );
-    }
-    let snapshot = state.load_full();
-    if path == "/explain" {
-        return match crate::explain::explain(&snapshot, req.uri().query().unwrap_or("")) {
-            Ok(answer) => json_reply(answer),
-            Err(why) => text(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n")),
-        };
-    }
-    let (body, content_type) = if path == "/status" {
-        let mut json = status(&snapshot);
-        if let Some(last) = state
-            .last_reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            json["last_reload"] = json!({
-                "result": if last.success { "success" } else { "failure" },
-                "at": last.at,
-                "error": last.error,
-            });
-        }
-        (json.to_string() + "\n", "application/json")
-    } else {
-        (metrics(&snapshot), "text/plain; version=0.0.4")
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+async fn method_not_allowed(method: Method) -> Reply {
+    text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("405 Method Not Allowed: {method} is not used here"),
+    )
 }
 
 /// `GET /`: the live status page, one file with its style and script (no
 /// external asset), which polls `/status`.
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
-/// The largest purge request read.
-const PURGE_BODY_LIMIT: usize = 1 << 20;
+async fn page() -> Reply {
+    ([(CONTENT_TYPE, "text/html; charset=utf-8")], STATUS_PAGE).into_response()
+}
+
+async fn status_reply(Shared(state): Shared<Arc<State>>) -> Reply {
+    let mut json = status(&state.load_full());
+    if let Some(last) = state
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        json["last_reload"] = json!({
+            "result": if last.success { "success" } else { "failure" },
+            "at": last.at,
+            "error": last.error,
+        });
+    }
+    json_reply(json)
+}
+
+async fn metrics_reply(Shared(state): Shared<Arc<State>>) -> Reply {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics(&state.load_full()),
+    )
+        .into_response()
+}
+
+async fn explain(Shared(state): Shared<Arc<State>>, RawQuery(query): RawQuery) -> Reply {
+    match crate::explain::explain(&state.load_full(), query.as_deref().unwrap_or("")) {
+        Ok(answer) => json_reply(answer),
+        Err(why) => text(StatusCode::BAD_REQUEST, &format!("400 Bad Request: {why}")),
+    }
+}
 
 /// `POST /caches/{cache}/purge` with `{"urls": [...]}`, `{"tags": [...]}` or
-/// `{"all": true}`: drops those entries from this process's memory tier, and
-/// answers `{"dropped": N}`.
-async fn purge(state: &State, rest: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let Some(name) = rest.strip_suffix("/purge").filter(|n| !n.contains('/')) else {
+/// `{"all": true}`: drops those entries from every instance, and answers
+/// `{"dropped": N}` (this process's count).
+async fn purge(Shared(state): Shared<Arc<State>>, Path(name): Path<String>, body: Bytes) -> Reply {
+    let Some(cache) = state.load().cache(&name).cloned() else {
         return text(
             StatusCode::NOT_FOUND,
-            "404 Not Found: POST /caches/NAME/purge\n".into(),
+            &format!("404 Not Found: no cache named {name}"),
         );
-    };
-    if req.method() != Method::POST {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed: use POST\n".into(),
-        );
-    }
-    let snapshot = state.load_full();
-    let Some(cache) = snapshot.cache(name) else {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("404 Not Found: no cache named {name}\n"),
-        );
-    };
-    let body = match http_body_util::Limited::new(req.into_body(), PURGE_BODY_LIMIT)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "413 Payload Too Large: a purge request is at most 1 MiB\n".into(),
-            )
-        }
     };
     let purge = match cache::Purge::from_json(&body) {
         Ok(p) => p,
-        Err(why) => return text(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n")),
+        Err(why) => return text(StatusCode::BAD_REQUEST, &format!("400 Bad Request: {why}")),
     };
     let dropped = cache.purge_everywhere(purge, cache::Source::Admin).await;
     json_reply(json!({ "dropped": dropped }))
-}
-
-fn json_reply(body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }
 
 /// `POST /upstreams/{upstream}/backends/{address}/drain` (or `/undrain`): a
 /// draining backend gets no new requests or sticky pins and finishes the ones
 /// in flight; its `active_requests` in the reply and in /status tells a deploy
 /// script when it is idle. The flag is kept across reloads that keep the backend.
-fn drain(state: &State, rest: &str) -> Response<Full<Bytes>> {
-    let parts: Vec<&str> = rest.split('/').collect();
-    let [upstream, "backends", address, action] = parts[..] else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "404 Not Found: POST /upstreams/NAME/backends/ADDRESS/drain or /undrain\n".into(),
-        );
-    };
-    let draining = match action {
+async fn drain(
+    Shared(state): Shared<Arc<State>>,
+    Path((upstream, address, action)): Path<(String, String, String)>,
+) -> Reply {
+    let draining = match action.as_str() {
         "drain" => true,
         "undrain" => false,
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "404 Not Found: the action is drain or undrain\n".into(),
+                "404 Not Found: the action is drain or undrain",
             )
         }
     };
     let snapshot = state.load_full();
-    let Some(backend) = snapshot
-        .upstream(upstream)
-        .and_then(|u| u.backends.iter().find(|b| b.address == address))
-    else {
+    let Some(u) = snapshot.upstream(&upstream) else {
         return text(
             StatusCode::NOT_FOUND,
-            format!("404 Not Found: no backend {address} in upstream {upstream}\n"),
+            &format!("404 Not Found: no upstream named {upstream}"),
+        );
+    };
+    let Some(backend) = u.backends.iter().find(|b| b.address == address) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("404 Not Found: no backend {address} in upstream {upstream}"),
         );
     };
     backend.state.set_draining(draining);
-    if let Some(u) = snapshot.upstream(upstream) {
-        // Requests waiting for room may now use it.
-        u.load.dispatch();
-    }
-    tracing::info!(
-        upstream,
-        backend = address,
-        "{}",
-        if draining {
-            "draining"
-        } else {
-            "no longer draining"
-        }
-    );
-    let body = json!({
+    // Requests waiting for room may now use it.
+    u.load.dispatch();
+    let what = if draining {
+        "draining"
+    } else {
+        "no longer draining"
+    };
+    tracing::info!(upstream, backend = address, "{what}");
+    json_reply(json!({
         "upstream": upstream,
         "address": address,
         "draining": draining,
         "active_requests": backend.state.active_requests(),
-    });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+    }))
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// Runtime changes hold until the next reload or restart: said in each reply.
+const UNTIL_RELOAD: &str =
+    "until the next reload or restart; write it to the config file to keep it";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Weight {
+    weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackend {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `PUT /upstreams/{upstream}/backends/{address}/weight` with `{"weight": N}`.
+async fn set_weight(
+    Shared(state): Shared<Arc<State>>,
+    Path((upstream, address)): Path<(String, String)>,
+    body: Bytes,
+) -> Reply {
+    let Weight { weight } = match parse(&body, r#"{"weight": N}"#) {
+        Ok(w) => w,
+        Err(why) => return text(StatusCode::BAD_REQUEST, &why),
+    };
+    let result = state.change_membership(|m| split(m.set_weight(&upstream, &address, weight)));
+    changed(result, StatusCode::OK, || {
+        tracing::info!(
+            upstream,
+            backend = address,
+            "weight set to {weight} over the admin API"
+        );
+        json!({ "upstream": upstream, "address": address, "weight": weight, "holds": UNTIL_RELOAD })
+    })
+}
+
+/// `POST /upstreams/{upstream}/backends` with `{"address": "ip:port", "weight": N}`:
+/// a new backend, with health checks and slow start as for a reload's.
+async fn add_backend(
+    Shared(state): Shared<Arc<State>>,
+    Path(upstream): Path<String>,
+    body: Bytes,
+) -> Reply {
+    let shape = r#"{"address": "ip:port", "weight": N}"#;
+    let NewBackend { address, weight } = match parse(&body, shape) {
+        Ok(b) => b,
+        Err(why) => return text(StatusCode::BAD_REQUEST, &why),
+    };
+    let Ok(addr) = address.parse::<SocketAddr>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("400 Bad Request: `{address}` is not an address (expected ip:port)"),
+        );
+    };
+    let result = state.change_membership(|m| split(m.add(&upstream, addr, weight)));
+    changed(result, StatusCode::CREATED, || {
+        tracing::info!(upstream, backend = %addr, "added over the admin API");
+        json!({ "upstream": upstream, "address": addr.to_string(), "weight": weight, "holds": UNTIL_RELOAD })
+    })
+}
+
+/// `DELETE /upstreams/{upstream}/backends/{address}`: answers at once; the
+/// backend takes no new requests, and goes when those in flight have finished.
+async fn remove_backend(
+    Shared(state): Shared<Arc<State>>,
+    Path((upstream, address)): Path<(String, String)>,
+) -> Reply {
+    let result = state.change_membership(|m| split(m.remove(&upstream, &address)));
+    changed(result, StatusCode::ACCEPTED, || {
+        tracing::info!(
+            upstream,
+            backend = address,
+            "removed over the admin API: draining"
+        );
+        json!({ "upstream": upstream, "address": address, "leaving": true, "holds": UNTIL_RELOAD })
+    })
+}
+
+/// A membership change's result, as `change_membership` takes it.
+fn split<T: Clone>(result: Result<T, Refused>) -> (Option<T>, Result<(), Refused>) {
+    match result {
+        Ok(config) => (Some(config), Ok(())),
+        Err(refused) => (None, Err(refused)),
+    }
+}
+
+fn changed(
+    result: Result<(), Refused>,
+    status: StatusCode,
+    reply: impl FnOnce() -> serde_json::Value,
+) -> Reply {
+    match result {
+        Ok(()) => {
+            let mut resp = json_reply(reply());
+            *resp.status_mut() = status;
+            resp
+        }
+        Err(Refused { status, reason }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            let phrase = status.canonical_reason().unwrap_or("");
+            text(status, &format!("{} {phrase}: {reason}", status.as_u16()))
+        }
+    }
+}
+
+/// A JSON body of the shape shown, or a 400 that shows it.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, String> {
+    serde_json::from_slice(body)
+        .map_err(|e| format!("400 Bad Request: expected JSON {shape} ({e})"))
+}
+
+fn json_reply(body: serde_json::Value) -> Reply {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        body.to_string() + "\n",
+    )
+        .into_response()
+}
+
+/// A one-line plain-text reply.
+fn text(status: StatusCode, line: &str) -> Reply {
+    let mut resp = Response::new(Body::from(format!("{line}\n")));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -312,9 +401,10 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
             let backends: Vec<_> = u
                 .backends
                 .iter()
-                .map(|b| {
+                .zip(&u.config.backends)
+                .map(|(b, config)| {
                     let (requests, errors) = b.requests.totals();
-                    json!({
+                    let mut json = json!({
                         "address": b.address,
                         "requests": requests,
                         "errors": errors,
@@ -325,7 +415,13 @@ pub fn status(snapshot: &Snapshot) -> serde_json::Value {
                         "active_requests": b.state.active_requests(),
                         "max_connections": b.state.limit(),
                         "slow_start": u.config.slow_start.is_some_and(|w| b.state.ramp(w) < 1.0),
-                    })
+                        "leaving": config.leaving,
+                    });
+                    // Where it came from: a name it resolved from, or the admin API.
+                    if let Some(from) = &config.from {
+                        json["from"] = json!(from);
+                    }
+                    json
                 })
                 .collect();
             (
@@ -388,5 +484,9 @@ fn metrics(snapshot: &Snapshot) -> String {
         metrics::gauge!(m::CACHE_BYTES, &labels).set(c.store.bytes() as f64);
         metrics::gauge!(m::CACHE_ENTRIES, &labels).set(c.store.entries() as f64);
     }
-    m::handle().render()
+    m::render(|upstream, backend| {
+        snapshot
+            .upstream(upstream)
+            .is_some_and(|u| u.backends.iter().any(|b| b.address == backend))
+    })
 }

@@ -23,6 +23,8 @@ pub mod client_io;
 #[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]
+pub mod discovery;
+#[forbid(unsafe_code)]
 pub mod entry;
 #[forbid(unsafe_code)]
 pub mod explain;
@@ -36,6 +38,8 @@ pub mod health;
 pub mod http1;
 #[forbid(unsafe_code)]
 pub mod listener_limit;
+#[forbid(unsafe_code)]
+pub mod membership;
 #[forbid(unsafe_code)]
 pub mod metrics;
 #[forbid(unsafe_code)]

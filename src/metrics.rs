@@ -27,6 +27,7 @@ pub const CACHE_ENTRIES: &str = "bascule_cache_entries";
 pub const QUEUE_DEPTH: &str = "bascule_queue_depth";
 pub const QUEUE_WAIT: &str = "bascule_queue_wait_seconds";
 pub const QUEUE_REJECTED: &str = "bascule_queue_rejected_total";
+pub const DISCOVERY_LOOKUPS: &str = "bascule_discovery_lookups_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -157,6 +158,47 @@ pub fn config_reload(success: bool) {
     handle();
     let result = if success { "success" } else { "failure" };
     metrics::counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// Every metric in Prometheus text, without the series of backends for
+/// which `present(upstream, backend)` is false: those that discovery, the
+/// admin API or a reload removed. (The recorder keeps their handles, a few
+/// hundred bytes each, as it offers no way to drop a series.)
+pub fn render(present: impl Fn(&str, &str) -> bool) -> String {
+    let text = handle().render();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let gone = match (label(line, "upstream"), label(line, "backend")) {
+            (Some(upstream), Some(backend)) => backend != NONE && !present(upstream, backend),
+            _ => false,
+        };
+        if !gone {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The value of label `name` in one line of Prometheus text.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let (_, labels) = line.split_once('{')?;
+    let labels = labels.rsplit_once('}')?.0;
+    labels.split(',').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| value.trim_matches('"'))
+    })
+}
+
+/// One lookup of a backend name: `found`, `no_address` or `failed`.
+pub fn discovery_lookup(upstream: &str, name: &str, result: &'static str) {
+    handle();
+    let labels = [
+        ("upstream", upstream.to_string()),
+        ("name", name.to_string()),
+        ("result", result.to_string()),
+    ];
+    metrics::counter!(DISCOVERY_LOOKUPS, &labels).increment(1);
 }
 
 /// Counters for replies made when no route matched (`upstream="none"`, `backend="none"`).

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::entry::Entry;
 use crate::health::HealthChecks;
 use crate::http1::{self, serve::ClientStream};
+use crate::membership::Membership;
 use crate::proxy::{self, ConnContext};
 use crate::stack::Layers;
 use crate::state::{Snapshot, State};
@@ -53,8 +54,6 @@ pub enum StartError {
 /// A running balancer: its threads, its sockets, and the switch that stops it.
 pub struct Server {
     state: Arc<State>,
-    /// Tells the control thread that the snapshot changed.
-    reloaded: Arc<Notify>,
     shutdown: CancellationToken,
     threads: Vec<JoinHandle<()>>,
     /// One per worker, for listeners that a reload adds or removes.
@@ -146,8 +145,14 @@ impl Server {
             };
         let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
 
-        let snapshot = Snapshot::build_with(Arc::new(config), None, layers);
-        let state = Arc::new(State::new(snapshot));
+        // Names are looked up before the first request, as far as the resolver answers.
+        let file = Arc::new(config);
+        let mut membership = Membership::new(file.clone());
+        for (upstream, source, targets) in crate::discovery::resolve_new(&file, |_, _| false) {
+            membership.set_answer(&upstream, &source, targets);
+        }
+        let snapshot = Snapshot::build_with(membership.current().clone(), None, layers);
+        let state = Arc::new(State::with_membership(snapshot, membership));
         let shutdown = CancellationToken::new();
         let mut threads = Vec::new();
         let mut commands = Vec::new();
@@ -165,16 +170,15 @@ impl Server {
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
-        let reloaded = Arc::new(Notify::new());
         let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
         if admin_socket.is_some() {
             let _ = admin_tx.send(admin_socket);
         }
         {
-            let (state, shutdown, reloaded) = (state.clone(), shutdown.clone(), reloaded.clone());
+            let (state, shutdown) = (state.clone(), shutdown.clone());
             let handle = std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || control(state, shutdown, reloaded, admin_rx))
+                .spawn(move || control(state, shutdown, admin_rx))
                 .map_err(StartError::Thread)?;
             threads.push(handle);
         }
@@ -188,7 +192,6 @@ impl Server {
         }
         Ok(Server {
             state,
-            reloaded,
             shutdown,
             threads,
             commands,
@@ -242,7 +245,6 @@ impl Server {
 fn control(
     state: Arc<State>,
     shutdown: CancellationToken,
-    reloaded: Arc<Notify>,
     mut admin_sockets: tokio::sync::mpsc::UnboundedReceiver<Option<std::net::TcpListener>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -258,10 +260,17 @@ fn control(
         let mut checks = HealthChecks::default();
         checks.sync(&state.load().upstreams);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let names_changed = Arc::new(Notify::new());
+        tokio::spawn(crate::discovery::run(
+            state.clone(),
+            names_changed.clone(),
+            shutdown.clone(),
+        ));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = reloaded.notified() => {
+                _ = state.changed.notified() => {
+                    names_changed.notify_one();
                     let snapshot = state.load();
                     checks.sync(&snapshot.upstreams);
                     // New limits, or new backends, may make room for waiting requests.
@@ -280,6 +289,7 @@ fn control(
                     }
                 }
                 _ = tick.tick() => {
+                    forget_left(&state);
                     for upstream in &state.load().upstreams {
                         upstream.retry_budget.top_up();
                         // An ejection that ran out makes room for waiting requests
@@ -292,6 +302,20 @@ fn control(
             }
         }
     });
+}
+
+/// Backends leaving (gone from their name's answer, or removed over the admin
+/// API) go once their last request in flight has finished.
+fn forget_left(state: &State) {
+    let snapshot = state.load_full();
+    for upstream in &snapshot.upstreams {
+        for (config, backend) in upstream.config.backends.iter().zip(&upstream.backends) {
+            if config.leaving && backend.state.active_requests() == 0 {
+                state.change_membership(|m| (m.forget(&upstream.config.name, &config.address), ()));
+                tracing::info!(upstream = %upstream.config.name, "{} left", config.address);
+            }
+        }
+    }
 }
 
 /// Closes this worker's pooled backend connections once they pass their idle timeout.
@@ -737,8 +761,20 @@ impl Server {
             }
         }
         let config = Arc::new(config);
-        self.state
-            .store(Snapshot::build(config.clone(), Some(&current)));
+        // New names are looked up before the switch, as at start.
+        let answers = crate::discovery::resolve_new(&config, |upstream, source| {
+            self.state
+                .change_membership(|m| (None, m.has_answer(upstream, source)))
+        });
+        self.state.change_membership(|m| {
+            let mut effective = m.set_file(config.clone());
+            for (upstream, source, targets) in answers {
+                if let Some(changed) = m.set_answer(&upstream, &source, targets) {
+                    effective = changed;
+                }
+            }
+            (Some(effective), ())
+        });
         for (name, bind, sockets, addr) in added {
             for (worker, socket) in self.commands.iter().zip(sockets) {
                 let _ = worker.send(WorkerCommand::Listen(socket));
@@ -767,7 +803,6 @@ impl Server {
             let _ = self.admin_tx.send(admin_socket);
         }
         warn_if_admin_open(&config);
-        self.reloaded.notify_one();
         Ok(())
     }
 }

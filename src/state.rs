@@ -10,7 +10,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
 use arc_swap::{ArcSwap, Guard};
+use tokio::sync::Notify;
 
 use crate::backend::{Backend, BackendState};
 use crate::backend_tls::Connector;
@@ -18,6 +21,7 @@ use crate::cache::layer::CacheLayer;
 use crate::cache::Cache;
 use crate::config::{Config, ListenerConfig, UpstreamConfig};
 use crate::listener_limit::ConnectionLimit;
+use crate::membership::Membership;
 use crate::metrics as m;
 use crate::pool::{Pool, PoolSettings};
 use crate::proxy::Proxy;
@@ -213,6 +217,16 @@ fn build_upstream(
                 Arc::new(state)
             });
             state.set_limit(b.max_connections.or(config.max_connections));
+            // A backend that leaves takes no new requests; one whose address
+            // came back before it went takes them again.
+            let was_leaving = previous
+                .and_then(|p| p.config.backends.iter().find(|c| c.address == b.address))
+                .is_some_and(|c| c.leaving);
+            if b.leaving {
+                state.set_draining(true);
+            } else if was_leaving {
+                state.set_draining(false);
+            }
             let (proxy_tls, probe_tls) = tls_connectors(config, b).unzip();
             let pool = match old {
                 Some(old) if same_tls && old.pool.settings() == settings => old.pool.clone(),
@@ -263,14 +277,46 @@ pub struct ReloadOutcome {
 pub struct State {
     current: ArcSwap<Snapshot>,
     pub last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
+    /// The backends each upstream has now; held while a snapshot is built
+    /// from it, so that snapshots are stored in the order of the changes.
+    membership: Mutex<Membership>,
+    /// Told when a new snapshot is stored: the control thread follows it with
+    /// health checks, the discovery loop with its names.
+    pub changed: Notify,
 }
 
 impl State {
+    /// A state whose membership starts from the snapshot's config.
     pub fn new(snapshot: Snapshot) -> Self {
+        let membership = Membership::new(snapshot.config.clone());
+        State::with_membership(snapshot, membership)
+    }
+
+    /// A state whose snapshot was built from `membership`'s config.
+    pub fn with_membership(snapshot: Snapshot, membership: Membership) -> Self {
         State {
+            membership: Mutex::new(membership),
             current: ArcSwap::from_pointee(snapshot),
             last_reload: std::sync::Mutex::new(None),
+            changed: Notify::new(),
         }
+    }
+
+    /// Runs `change` on the membership; when it yields a new config, builds
+    /// the snapshot for it from the current one (as a reload does) and
+    /// switches to it.
+    pub fn change_membership<T>(
+        &self,
+        change: impl FnOnce(&mut Membership) -> (Option<Arc<Config>>, T),
+    ) -> T {
+        let mut membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let (config, out) = change(&mut membership);
+        if let Some(config) = config {
+            let current = self.load_full();
+            self.store(Snapshot::build(config, Some(&current)));
+            self.changed.notify_one();
+        }
+        out
     }
 
     pub fn load(&self) -> Guard<Arc<Snapshot>> {

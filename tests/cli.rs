@@ -57,7 +57,7 @@ upstreams:
         err,
         "FILE:4:19: listeners[0].routes[0].upstream: no upstream named `ap` (known: app)\n\
          FILE:10:44: upstreams.app.backends[1].weight: `0` is not a whole number in the range 1 to 1000\n\
-         FILE:11:5: upstreams.app.timeout: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_connections, max_idle_connections, passive, queue, retries, retry_budget, slow_start, sticky, timeouts, tls)\n"
+         FILE:11:5: upstreams.app.timeout: unknown key (expected one of: backends, balance, discovery, fail_open, hash_balance_factor, hash_key, health_check, max_connections, max_idle_connections, passive, queue, retries, retry_budget, slow_start, sticky, timeouts, tls)\n"
     );
 }
 

@@ -89,6 +89,29 @@ fn map_keys(node: &Node) -> Option<Vec<String>> {
     }
 }
 
+/// One item of `backends`.
+enum Entry {
+    Address(BackendConfig),
+    Name(NamedBackend),
+}
+
+/// A DNS name as RFC 1123 allows it (plus `_` for SRV labels), with an
+/// optional trailing dot.
+fn is_host_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// The entries of one YAML map, with a record of which keys the decoder asked for.
 struct Fields<'n> {
     path: String,
@@ -279,6 +302,16 @@ impl<'b> Decoder<'b> {
         })
     }
 
+    fn duration_at_least(&mut self, node: &Node, path: &str, min: Duration) -> Option<Duration> {
+        let d = self.duration(node, path)?;
+        if d < min {
+            let min = humantime::format_duration(min);
+            self.problem(Some(node.pos), path, format!("must be at least {min}"));
+            return None;
+        }
+        Some(d)
+    }
+
     fn socket_addr(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
         self.parsed(node, path, "an address", |s| {
             s.parse::<SocketAddr>()
@@ -364,6 +397,12 @@ impl<'b> Decoder<'b> {
         let workers = self.optional(&mut f, "workers", None, |d, n, p| {
             d.integer(n, p, 1, 1024).map(|n| Some(n as usize))
         });
+        let resolver = self.optional(
+            &mut f,
+            "resolver",
+            ResolverConfig::default(),
+            Self::resolver,
+        );
         self.finish(f);
         // Checked whatever else failed, so that one run reports every problem.
         if let (Some(Some(admin)), Some(listeners)) = (&admin, &listeners) {
@@ -381,6 +420,7 @@ impl<'b> Decoder<'b> {
             access_log_format: access_log_format?,
             workers: workers?,
             caches: caches?,
+            resolver: resolver?,
         };
         Some(config)
     }
@@ -618,6 +658,12 @@ impl<'b> Decoder<'b> {
             Some((n, p)) => self.backends(n, &p),
             None => None,
         };
+        let discovery = self.optional(
+            &mut f,
+            "discovery",
+            DiscoveryConfig::default(),
+            Self::discovery,
+        );
         let (mut connect, mut response, mut idle) = (
             Some(Duration::from_secs(5)),
             Some(Duration::from_secs(60)),
@@ -672,8 +718,9 @@ impl<'b> Decoder<'b> {
         self.finish(f);
         let mut backends = backends;
         // Each backend's name for certificate checks and SNI, settled now so that
-        // a name that cannot be checked is a config error.
-        if let (Some(Some(tls)), Some(backends), Some((n, p))) =
+        // a name that cannot be checked is a config error. (An SRV record's
+        // targets are checked as they come.)
+        if let (Some(Some(tls)), Some((backends, names)), Some((n, p))) =
             (&tls, backends.as_mut(), &tls_field)
         {
             for b in backends.iter_mut() {
@@ -682,13 +729,24 @@ impl<'b> Decoder<'b> {
                     Err(why) => self.problem(Some(n.pos), p, why),
                 }
             }
+            for name in names
+                .iter()
+                .filter(|n| matches!(n.lookup, Lookup::Host { .. }))
+            {
+                if let Err(why) = tls.name_for(&name.source) {
+                    self.problem(Some(n.pos), p, why);
+                }
+            }
         }
+        let (backends, names) = backends?;
         Some(UpstreamConfig {
             name: name.to_string(),
             balance: balance?,
             hash_key: hash_key?,
             hash_balance_factor: hash_balance_factor?,
-            backends: backends?,
+            backends,
+            names,
+            discovery: discovery?,
             connect_timeout: connect?,
             response_timeout: response?,
             idle_timeout: idle?,
@@ -703,6 +761,45 @@ impl<'b> Decoder<'b> {
             sticky: sticky?,
             max_connections: max_connections?,
             queue: queue?,
+        })
+    }
+
+    fn discovery(&mut self, node: &Node, path: &str) -> Option<DiscoveryConfig> {
+        let mut f = self.fields(node, path)?;
+        let default = DiscoveryConfig::default();
+        let interval = self.optional(&mut f, "interval", default.interval, |d, n, p| {
+            d.duration_at_least(n, p, Duration::from_millis(100))
+        });
+        let hold = self.optional(&mut f, "hold", default.hold, Self::duration);
+        self.finish(f);
+        Some(DiscoveryConfig {
+            interval: interval?,
+            hold: hold?,
+        })
+    }
+
+    fn resolver(&mut self, node: &Node, path: &str) -> Option<ResolverConfig> {
+        let mut f = self.fields(node, path)?;
+        let nameservers = self.optional(&mut f, "nameservers", Vec::new(), |d, n, p| {
+            let items = d.seq(n, p)?;
+            let mut out = Vec::new();
+            let mut ok = true;
+            for (i, item) in items.iter().enumerate() {
+                match d.socket_addr(item, &format!("{p}[{i}]")) {
+                    Some(a) => out.push(a),
+                    None => ok = false,
+                }
+            }
+            ok.then_some(out)
+        });
+        let timeout = self.optional(&mut f, "timeout", None, |d, n, p| {
+            d.duration_at_least(n, p, Duration::from_millis(10))
+                .map(Some)
+        });
+        self.finish(f);
+        Some(ResolverConfig {
+            nameservers: nameservers?,
+            timeout: timeout?,
         })
     }
 
@@ -994,60 +1091,127 @@ impl<'b> Decoder<'b> {
         })
     }
 
-    fn backends(&mut self, node: &Node, path: &str) -> Option<Vec<BackendConfig>> {
+    /// The backends written as addresses, and those given by name.
+    fn backends(
+        &mut self,
+        node: &Node,
+        path: &str,
+    ) -> Option<(Vec<BackendConfig>, Vec<NamedBackend>)> {
         let items = self.seq(node, path)?;
         if items.is_empty() {
             self.problem(Some(node.pos), path, "at least one backend is needed");
             return None;
         }
-        let mut out = Vec::with_capacity(items.len());
+        let mut out: Vec<BackendConfig> = Vec::with_capacity(items.len());
+        let mut names: Vec<NamedBackend> = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let path = format!("{path}[{i}]");
+            let twice = |what: &str| format!("{what} is listed twice");
             match self.backend(item, &path) {
-                Some(b) if out.iter().any(|o: &BackendConfig| o.addr == b.addr) => {
-                    self.problem(
-                        Some(item.pos),
-                        &path,
-                        format!("{} is listed twice", b.address),
-                    );
+                Some(Entry::Address(b)) if out.iter().any(|o| o.addr == b.addr) => {
+                    self.problem(Some(item.pos), &path, twice(&b.address));
                     ok = false;
                 }
-                Some(b) => out.push(b),
+                Some(Entry::Name(n)) if names.iter().any(|o| o.source == n.source) => {
+                    self.problem(Some(item.pos), &path, twice(&n.source));
+                    ok = false;
+                }
+                Some(Entry::Address(b)) => out.push(b),
+                Some(Entry::Name(n)) => names.push(n),
                 None => ok = false,
             }
         }
-        ok.then_some(out)
+        ok.then_some((out, names))
     }
 
-    fn backend(&mut self, node: &Node, path: &str) -> Option<BackendConfig> {
-        if let Value::Scalar(address) = &node.value {
-            let addr = self.socket_addr(node, path)?;
-            return Some(BackendConfig {
-                address: address.trim().to_string(),
-                addr,
-                weight: 1,
-                tls_name: None,
-                max_connections: None,
-            });
+    fn backend(&mut self, node: &Node, path: &str) -> Option<Entry> {
+        if let Value::Scalar(_) = &node.value {
+            return self.backend_address(node, path, 1, None);
         }
         let mut f = self.fields(node, path)?;
-        let address = self.required(&mut f, "address", node.pos);
-        let address =
-            address.and_then(|(n, p)| Some((self.string(n, &p)?, self.socket_addr(n, &p)?)));
         let weight = self.optional(&mut f, "weight", 1, |d, n, p| {
             d.integer(n, p, 1, MAX_WEIGHT.into()).map(|w| w as u32)
         });
         let max_connections = self.optional(&mut f, "max_connections", None, Self::max_connections);
+        let entry = match (f.get("address"), f.get("srv")) {
+            (Some((n, p)), None) => {
+                self.backend_address(n, &p, weight.unwrap_or(1), max_connections.flatten())
+            }
+            (None, Some((n, p))) => self.string(n, &p).and_then(|name| {
+                let name = name.trim().trim_end_matches('.').to_string();
+                if !is_host_name(&name) {
+                    self.problem(Some(n.pos), &p, format!("`{name}` is not a DNS name"));
+                    return None;
+                }
+                Some(Entry::Name(NamedBackend {
+                    source: name.clone(),
+                    lookup: Lookup::Srv(name),
+                    weight: 1,
+                    max_connections: max_connections.flatten(),
+                }))
+            }),
+            (Some(_), Some((n, p))) => {
+                self.problem(Some(n.pos), &p, "give either address or srv, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    Some(node.pos),
+                    path,
+                    "missing key `address` (or `srv`, for DNS SRV records)",
+                );
+                None
+            }
+        };
         self.finish(f);
-        let (address, addr) = address?;
-        Some(BackendConfig {
-            address: address.trim().to_string(),
-            addr,
-            weight: weight?,
-            tls_name: None,
-            max_connections: max_connections?,
-        })
+        weight?;
+        max_connections?;
+        entry
+    }
+
+    /// `ip:port` (a backend), or `host:port` (a name whose addresses are backends).
+    fn backend_address(
+        &mut self,
+        node: &Node,
+        path: &str,
+        weight: u32,
+        max_connections: Option<usize>,
+    ) -> Option<Entry> {
+        let text = self.string(node, path)?;
+        let text = text.trim();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(Entry::Address(BackendConfig {
+                address: text.to_string(),
+                weight,
+                max_connections,
+                ..BackendConfig::at(addr)
+            }));
+        }
+        let host_port = text
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .filter(|&(host, port)| port != 0 && is_host_name(host));
+        let Some((host, port)) = host_port else {
+            self.problem(
+                Some(node.pos),
+                path,
+                format!(
+                    "`{text}` is not an address (expected ip:port or host:port, such as \
+                     127.0.0.1:9001 or app.internal:9001)"
+                ),
+            );
+            return None;
+        };
+        Some(Entry::Name(NamedBackend {
+            source: text.to_string(),
+            lookup: Lookup::Host {
+                host: host.trim_end_matches('.').to_string(),
+                port,
+            },
+            weight,
+            max_connections,
+        }))
     }
 
     fn listeners(
@@ -1411,6 +1575,62 @@ mod tests {
     }
 
     #[test]
+    fn backends_by_name_and_by_srv() {
+        let text = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    discovery: { interval: 1s, hold: 10s }\n    backends:\n      - 127.0.0.1:9001\n      - localhost:9003\n      - { address: app.internal:9000, weight: 2 }\n      - { srv: _http._tcp.app.internal }\nresolver: { nameservers: [127.0.0.1:5353], timeout: 500ms }\n";
+        let c = decode(text, Path::new(".")).unwrap();
+        let app = &c.upstreams[0];
+        assert_eq!(app.backends.len(), 1);
+        assert_eq!(app.backends[0].address, "127.0.0.1:9001");
+        let names: Vec<_> = app
+            .names
+            .iter()
+            .map(|n| (n.lookup.clone(), n.weight))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (
+                    Lookup::Host {
+                        host: "localhost".into(),
+                        port: 9003
+                    },
+                    1
+                ),
+                (
+                    Lookup::Host {
+                        host: "app.internal".into(),
+                        port: 9000
+                    },
+                    2
+                ),
+                (Lookup::Srv("_http._tcp.app.internal".into()), 1),
+            ]
+        );
+        assert_eq!(app.discovery.interval, Duration::from_secs(1));
+        assert_eq!(app.discovery.hold, Duration::from_secs(10));
+        assert_eq!(
+            c.resolver.nameservers,
+            vec!["127.0.0.1:5353".parse().unwrap()]
+        );
+        assert_eq!(c.resolver.timeout(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_names_are_reported() {
+        let text = "listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    backends:\n      - app..internal:9000\n      - app.internal:0\n      - { srv: \"bad name\" }\n      - { address: a.b:1, srv: _x._tcp.a.b }\n      - a.b:1\n      - a.b:1\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "7:9: upstreams.app.backends[0]: `app..internal:9000` is not an address (expected ip:port or host:port, such as 127.0.0.1:9001 or app.internal:9001)",
+                "8:9: upstreams.app.backends[1]: `app.internal:0` is not an address (expected ip:port or host:port, such as 127.0.0.1:9001 or app.internal:9001)",
+                "9:16: upstreams.app.backends[2].srv: `bad name` is not a DNS name",
+                "10:32: upstreams.app.backends[3].srv: give either address or srv, not both",
+                "12:9: upstreams.app.backends[5]: a.b:1 is listed twice",
+            ]
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_position() {
         let text = "listeners:\n  - bind: 127.0.0.1:80800\n    routes:\n      - upstream: nope\nupstreams:\n  app:\n    backends:\n      - { address: 127.0.0.1:9001, weight: 0 }\n    timeouts: { connect: 5 }\n    colour: blue\n";
         let p = problems(text);
@@ -1421,7 +1641,7 @@ mod tests {
                 "4:19: listeners[0].routes[0].upstream: no upstream named `nope` (known: app)",
                 "8:44: upstreams.app.backends[0].weight: `0` is not a whole number in the range 1 to 1000",
                 "9:26: upstreams.app.timeouts.connect: `5` is not a duration (give a unit: 250ms, 2s, 5m, 1h)",
-                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, fail_open, hash_balance_factor, hash_key, health_check, max_connections, max_idle_connections, passive, queue, retries, retry_budget, slow_start, sticky, timeouts, tls)",
+                "10:5: upstreams.app.colour: unknown key (expected one of: backends, balance, discovery, fail_open, hash_balance_factor, hash_key, health_check, max_connections, max_idle_connections, passive, queue, retries, retry_budget, slow_start, sticky, timeouts, tls)",
             ]
         );
     }

@@ -38,6 +38,23 @@ pub struct Config {
     pub workers: Option<usize>,
     /// In file order; names are unique.
     pub caches: Vec<Arc<CacheConfig>>,
+    /// Where backend names are looked up. Default: `/etc/resolv.conf` and `/etc/hosts`.
+    pub resolver: ResolverConfig,
+}
+
+/// `resolver`: the DNS servers asked for backend names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolverConfig {
+    /// Asked instead of the system's (then `/etc/hosts` is not read). Empty: the system's.
+    pub nameservers: Vec<SocketAddr>,
+    /// One lookup's limit. Default 2s.
+    pub timeout: Option<Duration>,
+}
+
+impl ResolverConfig {
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(2))
+    }
 }
 
 impl Config {
@@ -172,7 +189,12 @@ pub struct UpstreamConfig {
     /// Consistent hashing only: no backend takes more than this times its share
     /// of the requests in flight (bounded loads). Off by default.
     pub hash_balance_factor: Option<f64>,
+    /// The backends: those written as addresses, then what the names resolved
+    /// to and what the admin API changed (see `membership`).
     pub backends: Vec<BackendConfig>,
+    /// Backends given by name, in file order: re-resolved at run time.
+    pub names: Vec<NamedBackend>,
+    pub discovery: DiscoveryConfig,
     /// TCP connect to a backend. Default 5s.
     pub connect_timeout: Duration,
     /// From request sent to response headers; past it the client gets 504. Default 60s.
@@ -300,6 +322,43 @@ impl Default for RetryBudgetConfig {
     }
 }
 
+/// `discovery`: how often an upstream's names are looked up again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// Default 5s; sooner when an answer's TTL is shorter.
+    pub interval: Duration,
+    /// A name answering NXDOMAIN or no address keeps its last set this long. Default 30s.
+    pub hold: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            interval: Duration::from_secs(5),
+            hold: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A backend given by name: every address the name resolves to is a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedBackend {
+    /// As written (`app.internal:9000`, or the SRV name): where its backends came from.
+    pub source: String,
+    pub lookup: Lookup,
+    /// Each address's weight (SRV records bring their own). Default 1.
+    pub weight: u32,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// A and AAAA records, every address with this port.
+    Host { host: String, port: u16 },
+    /// SRV records: targets, ports and weights.
+    Srv(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     /// As written in the file: the backend's identity in metrics, status and reloads.
@@ -311,6 +370,27 @@ pub struct BackendConfig {
     pub tls_name: Option<rustls_pki_types::ServerName<'static>>,
     /// Its own `max_connections`, over the upstream's.
     pub max_connections: Option<usize>,
+    /// The name it was resolved from, or `admin` when added over the admin API;
+    /// `None` when written in the file as an address.
+    pub from: Option<String>,
+    /// Gone from its name's answer or removed over the admin API: takes no new
+    /// requests, and goes once those in flight finish.
+    pub leaving: bool,
+}
+
+impl BackendConfig {
+    /// A backend at `addr`, with the defaults.
+    pub fn at(addr: SocketAddr) -> BackendConfig {
+        BackendConfig {
+            address: addr.to_string(),
+            addr,
+            weight: 1,
+            tls_name: None,
+            max_connections: None,
+            from: None,
+            leaving: false,
+        }
+    }
 }
 
 /// Weights above this are refused: round robin keeps a table as long as the sum of weights.
