@@ -121,6 +121,25 @@ fn upstream_changes(old: &UpstreamConfig, new: &UpstreamConfig, out: &mut Vec<St
     for r in &removed {
         out.push(format!("- upstream {name}: backend {r}"));
     }
+    // Names: what they resolve to is known at run time only.
+    for n in &new.names {
+        match old.names.iter().find(|o| o.source == n.source) {
+            None => out.push(format!(
+                "+ upstream {name}: backends from {} (weight {}), as it resolves",
+                n.source, n.weight
+            )),
+            Some(o) if o.weight != n.weight => out.push(format!(
+                "~ upstream {name}: backends from {} weight {} -> {} (their state is kept)",
+                n.source, o.weight, n.weight
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in &old.names {
+        if !new.names.iter().any(|n| n.source == o.source) {
+            out.push(format!("- upstream {name}: backends from {}", o.source));
+        }
+    }
     if old.balance != new.balance {
         out.push(format!(
             "~ upstream {name}: balance {} -> {}",
@@ -130,6 +149,7 @@ fn upstream_changes(old: &UpstreamConfig, new: &UpstreamConfig, out: &mut Vec<St
     }
     let same_rest = UpstreamConfig {
         backends: old.backends.clone(),
+        names: old.names.clone(),
         balance: old.balance,
         ..new.clone()
     } == *old;

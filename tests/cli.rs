@@ -287,7 +287,9 @@ fn check_against_previews_a_reload() {
     };
     let (old, new) = (dir.path().join("old.yaml"), dir.path().join("new.yaml"));
     std::fs::write(&old, config(false, 10)).unwrap();
-    std::fs::write(&new, config(true, 9)).unwrap();
+    // The new file also gives a backend by name.
+    let named = config(true, 9).replace("backends: [", "backends: [app.internal:9000, ");
+    std::fs::write(&new, named).unwrap();
     let out = Command::new(bin())
         .arg("check")
         .arg("-c")
@@ -299,6 +301,10 @@ fn check_against_previews_a_reload() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("+ listener 127.0.0.1:8081"), "{text}");
+    assert!(
+        text.contains("+ upstream app: backends from app.internal:9000 (weight 1), as it resolves"),
+        "{text}"
+    );
     assert!(
         text.contains("- upstream app: backend 127.0.0.1:9010"),
         "{text}"
