@@ -439,6 +439,16 @@ async fn an_http2_stream_reset_while_queued_leaves_the_queue() {
     let (addr, admin) = (lb.addr, lb.admin());
     let holder = send(addr, "/slow?ms=1500");
     let depth = move || queue_depth(admin);
+    // The holder has the one place before the stream comes (else the stream
+    // would take it, and the holder wait instead).
+    let busy = b.busy.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(5), "the holder at the backend", || {
+            busy.load(Ordering::SeqCst) == 1
+        })
+    })
+    .await
+    .unwrap();
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut h2 = h2_client(stream).await;
     let req = http::Request::builder()
