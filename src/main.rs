@@ -43,6 +43,9 @@ enum Command {
         #[arg(long, value_name = "OLD")]
         against: Option<PathBuf>,
     },
+    /// Print the configuration file's JSON Schema (draft 2020-12), for editors:
+    /// a YAML language server validates and completes bascule.yaml with it.
+    Schema,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.config) {
         (Some(Command::Check { config, against }), _) => check(&config, against.as_deref()),
+        (Some(Command::Schema), _) => {
+            print!("{}", config::schema::json());
+            ExitCode::SUCCESS
+        }
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("bascule: give a configuration file with --config FILE (see --help)");

@@ -29,6 +29,25 @@ fn check(yaml: &str) -> (i32, String, String) {
 }
 
 #[test]
+fn check_refuses_a_billion_laughs_at_once() {
+    // Ten lists of ten aliases of the list before: 10^10 values once expanded.
+    let mut yaml = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        yaml.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    yaml.push_str("listeners: *a9\n");
+    let started = std::time::Instant::now();
+    let (code, _, err) = check(&yaml);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "FILE:6:10: YAML syntax: the file holds more than 200000 values once its aliases are expanded\n"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
 fn check_accepts_a_good_file() {
     let (code, out, _) = check("listeners:\n  - bind: 127.0.0.1:8080\n    routes: [{upstream: app}]\nupstreams:\n  app:\n    backends: [127.0.0.1:9001]\n");
     assert_eq!(code, 0);

@@ -177,3 +177,170 @@ fn the_systemd_unit_runs_commands_the_binary_takes() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/bascule.schema.json");
+
+/// A YAML document as the JSON a YAML language server validates.
+fn as_json(text: &str) -> serde_json::Value {
+    use yaml_rust2::Yaml;
+    fn convert(y: &Yaml) -> serde_json::Value {
+        match y {
+            Yaml::Hash(h) => serde_json::Value::Object(
+                h.iter()
+                    .map(|(k, v)| (k.as_str().unwrap().to_string(), convert(v)))
+                    .collect(),
+            ),
+            Yaml::Array(a) => a.iter().map(convert).collect(),
+            Yaml::String(s) => s.clone().into(),
+            Yaml::Integer(i) => (*i).into(),
+            Yaml::Real(r) => r.parse::<f64>().unwrap().into(),
+            Yaml::Boolean(b) => (*b).into(),
+            Yaml::Null => serde_json::Value::Null,
+            other => panic!("unexpected YAML: {other:?}"),
+        }
+    }
+    let docs = yaml_rust2::YamlLoader::load_from_str(text).unwrap();
+    convert(&docs[0])
+}
+
+fn validator() -> jsonschema::Validator {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(SCHEMA).unwrap()).unwrap();
+    jsonschema::draft202012::new(&schema).unwrap()
+}
+
+fn problems(v: &jsonschema::Validator, text: &str) -> Vec<String> {
+    v.iter_errors(&as_json(text))
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn the_schema_file_is_what_bascule_schema_prints() {
+    let out = Command::new(common::bin()).arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("\"$schema\": \"https://json-schema.org/draft/2020-12/schema\""),
+        "{printed}"
+    );
+    assert_eq!(
+        printed,
+        std::fs::read_to_string(SCHEMA).unwrap(),
+        "conf/bascule.schema.json is stale: bascule schema > conf/bascule.schema.json"
+    );
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    assert!(example.starts_with("# yaml-language-server: $schema=bascule.schema.json\n"));
+}
+
+#[test]
+fn every_config_under_conf_validates_against_the_schema() {
+    let v = validator();
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    assert_eq!(
+        problems(&v, &example),
+        Vec::<String>::new(),
+        "conf/bascule.yaml"
+    );
+    // Every key the example shows, live.
+    let live = uncommented(&example);
+    assert_eq!(problems(&v, &live), Vec::<String>::new(), "{live}");
+    for (name, place) in ready_made() {
+        let text = std::fs::read_to_string(place.path().join("bascule.yaml")).unwrap();
+        assert_eq!(problems(&v, &text), Vec::<String>::new(), "{name}");
+    }
+    // And it is not vacuous: an unknown key, a weight out of range, a bad duration.
+    for (mistake, at) in [
+        ("    colour: blue\n", "/upstreams/app"),
+        ("    slow_start: 30\n", "/upstreams/app/slow_start"),
+    ] {
+        let text = example.replace(
+            "    balance: round_robin",
+            &format!("{mistake}    balance: round_robin"),
+        );
+        let found = problems(&v, &text);
+        assert!(
+            found.iter().any(|p| p.starts_with(at)),
+            "{mistake}: {found:?}"
+        );
+    }
+    let text = example.replace("weight: 3 }", "weight: 0 }");
+    assert!(!problems(&v, &text).is_empty());
+}
+
+/// Every key path the schema describes, in `pattern`'s form.
+fn schema_keys(schema: &serde_json::Value) -> BTreeSet<String> {
+    fn walk(
+        node: &serde_json::Value,
+        root: &serde_json::Value,
+        path: &str,
+        out: &mut BTreeSet<String>,
+    ) {
+        if let Some(r) = node.get("$ref").and_then(|r| r.as_str()) {
+            let name = r.trim_start_matches("#/$defs/");
+            return walk(&root["$defs"][name], root, path, out);
+        }
+        for key in ["anyOf", "oneOf", "allOf"] {
+            for sub in node
+                .get(key)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
+                walk(sub, root, path, out);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(items, root, &format!("{path}[]"), out);
+        }
+        if let Some(map) = node.get("additionalProperties").filter(|a| a.is_object()) {
+            walk(map, root, &format!("{path}.*"), out);
+        }
+        for (key, sub) in node
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .into_iter()
+            .flatten()
+        {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            out.insert(here.clone());
+            walk(sub, root, &here, out);
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(schema, schema, "", &mut out);
+    out
+}
+
+#[test]
+fn the_schema_and_the_decoder_know_the_same_keys() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(SCHEMA).unwrap()).unwrap();
+    let in_schema = schema_keys(&schema);
+    let live = uncommented(&std::fs::read_to_string(EXAMPLE).unwrap());
+    let keys = bascule::config::keys(&live, Path::new(EXAMPLE).parent().unwrap()).unwrap();
+    // The decoder names a map's entries by name (`caches.pages`); the schema by `*`.
+    let decoder: BTreeSet<String> = keys
+        .known
+        .iter()
+        .map(|k| pattern(k))
+        .map(|k| match k.strip_prefix("caches.") {
+            Some(rest) => match rest.split_once('.') {
+                Some((_, key)) => format!("caches.*.{key}"),
+                None => "caches.*".into(),
+            },
+            None => k,
+        })
+        .filter(|k| k != "upstreams.*" && k != "caches.*")
+        .collect();
+    let only_decoder: Vec<_> = decoder.difference(&in_schema).collect();
+    let only_schema: Vec<_> = in_schema.difference(&decoder).collect();
+    assert!(
+        only_decoder.is_empty() && only_schema.is_empty(),
+        "only the decoder knows {only_decoder:?}; only the schema {only_schema:?}"
+    );
+}

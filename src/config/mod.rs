@@ -7,6 +7,7 @@
 //! reload can run it off the request path.
 
 mod decode;
+pub mod schema;
 pub mod yaml;
 
 use std::fmt;

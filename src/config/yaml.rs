@@ -114,13 +114,23 @@ struct Open {
     node: Node,
     anchor: usize,
     key: Option<Node>,
+    /// Values in it so far, itself included.
+    size: usize,
 }
+
+/// The most values a file may hold once its aliases are expanded. A real
+/// config holds thousands; a "billion laughs" (aliases of aliases of lists)
+/// would hold billions, and is refused at this bound, within milliseconds.
+pub const MAX_VALUES: usize = 200_000;
 
 /// Collects parser events into nodes. Containers under construction live on a stack.
 #[derive(Default)]
 struct TreeBuilder {
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    /// Each anchored value, and how many values it holds.
+    anchors: HashMap<usize, (Node, usize)>,
+    /// Values built so far, aliases expanded.
+    values: usize,
     root: Option<Node>,
     error: Option<String>,
     error_pos: Pos,
@@ -144,14 +154,30 @@ impl TreeBuilder {
         })
     }
 
-    fn push_node(&mut self, node: Node, anchor: usize) {
+    /// Counts `size` more values; false once past `MAX_VALUES` (and the error set).
+    fn count(&mut self, size: usize, pos: Pos) -> bool {
+        self.values = self.values.saturating_add(size);
+        if self.values <= MAX_VALUES {
+            return true;
+        }
+        if self.error.is_none() {
+            self.error = Some(format!(
+                "the file holds more than {MAX_VALUES} values once its aliases are expanded"
+            ));
+            self.error_pos = pos;
+        }
+        false
+    }
+
+    fn push_node(&mut self, node: Node, anchor: usize, size: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         let Some(open) = self.stack.last_mut() else {
             self.root.get_or_insert(node);
             return;
         };
+        open.size += size;
         match &mut open.node.value {
             Value::Seq(items) => items.push(node),
             Value::Map(entries) => match open.key.take() {
@@ -163,10 +189,12 @@ impl TreeBuilder {
     }
 
     fn open(&mut self, value: Value, pos: Pos, anchor: usize) {
+        self.count(1, pos);
         self.stack.push(Open {
             node: Node { value, pos },
             anchor,
             key: None,
+            size: 1,
         });
     }
 }
@@ -183,17 +211,23 @@ impl MarkedEventReceiver for TreeBuilder {
                 } else {
                     Value::Scalar(text)
                 };
-                self.push_node(Node { value, pos }, anchor);
+                self.count(1, pos);
+                self.push_node(Node { value, pos }, anchor, 1);
             }
             Event::SequenceStart(anchor, _) => self.open(Value::Seq(Vec::new()), pos, anchor),
             Event::MappingStart(anchor, _) => self.open(Value::Map(Vec::new()), pos, anchor),
             Event::SequenceEnd | Event::MappingEnd => {
                 if let Some(open) = self.stack.pop() {
-                    self.push_node(open.node, open.anchor);
+                    self.push_node(open.node, open.anchor, open.size);
                 }
             }
-            Event::Alias(id) => match self.anchors.get(&id).cloned() {
-                Some(node) => self.push_node(Node { pos, ..node }, 0),
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, size)| *size) {
+                // Past the bound nothing more is copied: the file is refused.
+                Some(size) if !self.count(size, pos) => {}
+                Some(size) => {
+                    let node = self.anchors[&id].0.clone();
+                    self.push_node(Node { pos, ..node }, 0, size);
+                }
                 None if self.error.is_none() => {
                     self.error = Some("alias to an unknown anchor".into());
                     self.error_pos = pos;
@@ -208,6 +242,26 @@ impl MarkedEventReceiver for TreeBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_billion_laughs_is_refused_at_once() {
+        let mut text = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let started = std::time::Instant::now();
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.message.contains("more than 200000 values"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.pos.line, 6, "{:?}", e.pos);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Aliases within the bound are copied as before.
+        assert!(parse("a: &x [1, 2]\nb: [*x, *x]\n").is_ok());
+    }
 
     #[test]
     fn positions_are_one_based() {
