@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     match (cli.command, cli.config) {
         (Some(Command::Check { config, against }), _) => check(&config, against.as_deref()),
         (Some(Command::Schema), _) => {
-            print!("{}", config::schema::json());
+            print!("{}", config::raw::schema_json());
             ExitCode::SUCCESS
         }
         (None, Some(config)) => run(&config),

@@ -1,14 +1,17 @@
 //! The configuration: typed, validated, and read from one YAML file.
 //!
-//! Two layers, as in sozu and pingora: `yaml` reads the file into a tree that
-//! keeps positions, `decode` turns that tree into the types below or into a list
-//! of every problem found, each with `FILE:LINE:COLUMN` and the field's path.
-//! Nothing here binds a socket or opens a connection, so `bascule check` and a
-//! reload can run it off the request path.
+//! Three steps: `raw` reads the file into serde types that keep every value's
+//! position (serde-saphyr), `shape` holds its keys against the schema (every
+//! unknown or repeated key), and `validate` turns it into the types below or
+//! into a list of every problem found, each with `FILE:LINE:COLUMN` and the
+//! field's path. Nothing here binds a socket or opens a connection, so
+//! `bascule check` and a reload can run it off the request path.
 
-mod decode;
-pub mod schema;
-pub mod yaml;
+pub mod raw;
+mod shape;
+#[cfg(test)]
+mod tests;
+mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,9 +20,224 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
+use serde::de::DeserializeOwned;
+use serde_saphyr::{DuplicateKeyPolicy, Options};
 
-pub use decode::{decode, keys, Keys};
-use yaml::Pos;
+/// Where a value starts in the file: 1-based line and column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// `parent.key`, or `key` at the top.
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// Decodes `text`; relative file paths in it are taken from `base`. Every
+/// problem is reported, in the order of the file, except that a value of
+/// the wrong shape (a list where a map belongs) ends the reading there.
+pub fn decode(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    // Read as a plain tree first: a syntax error is reported alone, without a path.
+    let tree: raw::At<shape::Tree> =
+        read(text, DuplicateKeyPolicy::PassThrough).map_err(|p| vec![syntax(text, p)])?;
+    if matches!(tree.value, shape::Tree::Null) {
+        return Err(vec![Problem {
+            pos: Some(Pos { line: 1, column: 1 }),
+            path: String::new(),
+            message: "the file is empty".into(),
+        }]);
+    }
+    let schema = serde_json::to_value(raw::schema()).expect("a schema is JSON");
+    let mut problems = shape::problems(&tree, &schema);
+    let config = match read::<raw::File>(text, DuplicateKeyPolicy::LastWins) {
+        Ok(file) => validate::config(file, base, &mut problems),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    };
+    match config {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => {
+            problems.sort_by_key(|p| p.pos.map(|p| (p.line, p.column)));
+            Err(problems)
+        }
+    }
+}
+
+/// A problem of the plain reading, which only syntax can fail.
+fn syntax(text: &str, p: Problem) -> Problem {
+    let message = p.message.trim_start_matches("YAML syntax: ");
+    // A `[` or `{` left open shows up where the parser gives up, often lines
+    // later and as some other complaint: point at the bracket instead.
+    if let Some((open, bracket)) = p.pos.and_then(|at| unclosed(text, at)) {
+        let close = if bracket == '[' { ']' } else { '}' };
+        let at = p.pos.map(|at| at.to_string()).unwrap_or_default();
+        return Problem {
+            pos: Some(open),
+            path: String::new(),
+            message: format!(
+                "YAML syntax: this `{bracket}` is never closed with `{close}` (the parser stopped at {at}: {message})"
+            ),
+        };
+    }
+    Problem {
+        pos: p.pos,
+        path: String::new(),
+        message: format!("YAML syntax: {message}"),
+    }
+}
+
+/// The innermost `[` or `{` still open where the parser stopped at `at`,
+/// if it was opened on an earlier line (quoted text and comments skipped).
+fn unclosed(text: &str, at: Pos) -> Option<(Pos, char)> {
+    let mut open: Vec<(Pos, char)> = Vec::new();
+    for (i, line) in text.lines().enumerate().take(at.line) {
+        let mut quote = None;
+        let mut escaped = false;
+        let mut previous = ' ';
+        for (j, c) in line.chars().enumerate() {
+            if i + 1 == at.line && j + 1 >= at.column {
+                break;
+            }
+            match (quote, c) {
+                (Some('"'), '\\') => escaped = !escaped,
+                (Some(q), c) if c == q && !escaped => quote = None,
+                (Some(_), _) => escaped = false,
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if previous.is_whitespace() => break,
+                (None, '[' | '{') => open.push((
+                    Pos {
+                        line: i + 1,
+                        column: j + 1,
+                    },
+                    c,
+                )),
+                (None, ']' | '}') => {
+                    open.pop();
+                }
+                _ => {}
+            }
+            previous = c;
+        }
+    }
+    open.pop().filter(|(pos, _)| pos.line < at.line)
+}
+
+/// Aliases may repeat at most this many YAML events (values, starts and ends
+/// of lists and maps) in a file, far more than a config needs: a "billion
+/// laughs" (aliases of lists of aliases) is refused at once, not expanded.
+pub const MAX_ALIAS_VALUES: usize = 10_000;
+
+/// `text` read as `T`, or the one problem that stopped the reading.
+fn read<T: DeserializeOwned>(text: &str, duplicates: DuplicateKeyPolicy) -> Result<T, Problem> {
+    let mut options = Options::default();
+    options.duplicate_keys = duplicates;
+    options.with_snippet = false;
+    options.alias_limits.max_total_replayed_events = MAX_ALIAS_VALUES;
+    // The error of the value that failed, with its path; the reader's own
+    // error after it only says that the document was left unread.
+    let mut failed = None;
+    let outcome = serde_saphyr::with_deserializer_from_str_with_options(text, options, |d| {
+        match serde_path_to_error::deserialize::<_, T>(d) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) => {
+                let path = e.path().to_string();
+                failed = Some((path, e.into_inner()));
+                Ok(None)
+            }
+        }
+    });
+    let (path, error) = match (failed, outcome) {
+        (None, Ok(Some(value))) => return Ok(value),
+        (Some((path, error)), _) => (path, error),
+        (None, Err(error)) => (String::new(), error),
+        (None, Ok(None)) => unreachable!("no value comes only with an error"),
+    };
+    let pos = error.location().filter(|l| l.line() > 0).map(|l| Pos {
+        line: l.line() as usize,
+        column: l.column() as usize,
+    });
+    let path = field_path(&path);
+    let message = error.without_snippet().to_string();
+    let message = if message.contains("alias replay limit exceeded") {
+        format!(
+            "YAML syntax: aliases repeat more than {MAX_ALIAS_VALUES} values (a \"billion laughs\"?)"
+        )
+    } else {
+        reader_message(&message, path.is_empty())
+    };
+    Err(Problem { pos, message, path })
+}
+
+/// A serde path (`listeners.value[0].value.bind.value`) as this module
+/// writes paths (`listeners[0].bind`): the position wrappers' own fields
+/// (`value`) and the document's (`?`) left out.
+fn field_path(serde_path: &str) -> String {
+    let mut out = String::new();
+    for segment in serde_path.split('.') {
+        let segment = segment.strip_prefix("value").unwrap_or(segment);
+        if segment.is_empty() || segment == "?" {
+            continue;
+        }
+        if !out.is_empty() && !segment.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(segment);
+    }
+    out
+}
+
+/// The reader's message without its position (given apart) and in this
+/// module's words for the usual cases.
+fn reader_message(message: &str, syntax: bool) -> String {
+    let mut message = message.trim();
+    if let Some(i) = message.rfind(" at line ") {
+        message = &message[..i];
+    }
+    if let Some(rest) = message.strip_prefix("error: ") {
+        message = rest;
+    }
+    if let Some((head, rest)) = message.split_once(": ") {
+        if head.starts_with("line ") && head.contains(" column ") {
+            message = rest;
+        }
+    }
+    for (theirs, ours) in [
+        ("expected mapping start", "expected a map"),
+        ("expected sequence start", "expected a list"),
+        (
+            "expected string scalar",
+            "expected a single value, not a list or map",
+        ),
+    ] {
+        if message == theirs {
+            return ours.to_string();
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            return format!("expected {expected}, found {found}");
+        }
+    }
+    if syntax {
+        format!("YAML syntax: {message}")
+    } else {
+        message.to_string()
+    }
+}
 
 /// A complete, validated configuration.
 #[derive(Clone, Debug, PartialEq)]

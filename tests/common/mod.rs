@@ -235,7 +235,7 @@ async fn answer(
         let ok = match behaviour.health.load(Ordering::SeqCst) {
             HEALTH_OK => true,
             HEALTH_FAIL => false,
-            _ => n % 2 == 0,
+            _ => n.is_multiple_of(2),
         };
         let mut resp = Response::new(full(if ok { "ok" } else { "failing" }));
         if !ok {
