@@ -238,6 +238,9 @@ fn every_config_under_conf_validates_against_the_schema() {
     // Every key the example shows, live.
     let live = uncommented(&example);
     assert_eq!(problems(&v, &live), Vec::<String>::new(), "{live}");
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/demo.yaml");
+    let text = std::fs::read_to_string(demo).unwrap();
+    assert_eq!(problems(&v, &text), Vec::<String>::new(), "conf/demo.yaml");
     for (name, place) in ready_made() {
         let text = std::fs::read_to_string(place.path().join("bascule.yaml")).unwrap();
         assert_eq!(problems(&v, &text), Vec::<String>::new(), "{name}");
