@@ -341,7 +341,7 @@ async fn remove_backend(
 }
 
 /// A membership change's result, as `change_membership` takes it.
-fn split<T: Clone>(result: Result<T, Refused>) -> (Option<T>, Result<(), Refused>) {
+fn split<T>(result: Result<T, Refused>) -> (Option<T>, Result<(), Refused>) {
     match result {
         Ok(config) => (Some(config), Ok(())),
         Err(refused) => (None, Err(refused)),

@@ -257,7 +257,7 @@ pub async fn run(state: Arc<State>, changed: Arc<Notify>, shutdown: Cancellation
     let mut resolver: Option<TokioResolver> = None;
     let mut schedules: HashMap<(String, String), Schedule> = HashMap::new();
     loop {
-        let file = state.change_membership(|m| (None, m.file().clone()));
+        let file = state.membership(|m| m.file().clone());
         let names = membership::names(&file);
         schedules.retain(|key, _| names.contains_key(key));
         if settings.as_ref() != Some(&file.resolver) {

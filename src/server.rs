@@ -763,8 +763,7 @@ impl Server {
         let config = Arc::new(config);
         // New names are looked up before the switch, as at start.
         let answers = crate::discovery::resolve_new(&config, |upstream, source| {
-            self.state
-                .change_membership(|m| (None, m.has_answer(upstream, source)))
+            self.state.membership(|m| m.has_answer(upstream, source))
         });
         self.state.change_membership(|m| {
             let mut effective = m.set_file(config.clone());

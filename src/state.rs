@@ -302,6 +302,11 @@ impl State {
         }
     }
 
+    /// Reads the membership (what the file gives, what names answered).
+    pub fn membership<T>(&self, read: impl FnOnce(&Membership) -> T) -> T {
+        read(&self.membership.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Runs `change` on the membership; when it yields a new config, builds
     /// the snapshot for it from the current one (as a reload does) and
     /// switches to it.

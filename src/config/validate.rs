@@ -142,10 +142,6 @@ impl Validator<'_> {
         out.into_iter().collect()
     }
 
-    fn string(&mut self, text: &Text, _: &str) -> Option<String> {
-        Some(text.value.clone())
-    }
-
     /// Durations are bounded so that a deadline made from one (now + timeout)
     /// can always be represented; humantime accepts far larger.
     fn duration(&mut self, text: &Text, path: &str) -> Option<Duration> {
@@ -917,8 +913,8 @@ impl Validator<'_> {
             vec![(200, 399)],
             Self::status_ranges,
         );
-        let host = self.optional(&h.host, path, "host", None, |d, t, p| {
-            d.string(t, p).map(Some)
+        let host = self.optional(&h.host, path, "host", None, |_, t, _| {
+            Some(Some(t.value.clone()))
         });
         let initial_healthy = self.optional(&h.initial, path, "initial", true, |d, t, p| {
             d.parsed(t, p, "an initial state", |s| match s {
@@ -1195,8 +1191,8 @@ impl Validator<'_> {
         let bind = self
             .required(&l.bind, path, "bind", pos)
             .and_then(|t| self.socket_addr(t, &join(path, "bind")));
-        let name = self.optional(&l.name, path, "name", None, |d, t, p| {
-            d.string(t, p).map(Some)
+        let name = self.optional(&l.name, path, "name", None, |_, t, _| {
+            Some(Some(t.value.clone()))
         });
         let redirect_https = self.optional(
             &l.redirect_https,
@@ -1337,9 +1333,11 @@ impl Validator<'_> {
 
     fn backend_tls(&mut self, t: &At<raw::BackendTls>, path: &str) -> Option<BackendTls> {
         let (pos, t) = (t.pos, &t.value);
-        let ca = self.optional(&t.ca, path, "ca", None, |d, t, p| d.string(t, p).map(Some));
-        let server_name = self.optional(&t.server_name, path, "server_name", None, |d, t, p| {
-            d.string(t, p).map(Some)
+        let ca = self.optional(&t.ca, path, "ca", None, |_, t, _| {
+            Some(Some(t.value.clone()))
+        });
+        let server_name = self.optional(&t.server_name, path, "server_name", None, |_, t, _| {
+            Some(Some(t.value.clone()))
         });
         let insecure = self.optional(
             &t.insecure_skip_verify,
