@@ -131,7 +131,7 @@ where
         let Some(key) = key::of_request(http, req.conn.tls) else {
             return Err(req);
         };
-        let now = Instant::now();
+        let now = req.exchange.started();
         match self.cache.store.get(&key, http.headers()) {
             Some(entry) if entry.freshness(now) == Freshness::Fresh => {
                 self.cache.stats.count(Outcome::HitMemory);
@@ -154,7 +154,7 @@ where
         if ask == Ask::Bypass || req.http.headers().contains_key(RANGE) {
             return self.bypass(req).await;
         }
-        let now = Instant::now();
+        let now = req.exchange.started();
         let found = self.cache.store.get(&key, req.http.headers());
         if let Some(entry) = &found {
             let freshness = entry.freshness(now);
@@ -516,7 +516,7 @@ where
         if encoded {
             let mut own = Vec::with_capacity(48 + cache_status.len());
             own.extend_from_slice(b"age: ");
-            own.extend_from_slice(age.to_string().as_bytes());
+            own.extend_from_slice(itoa::Buffer::new().format(age).as_bytes());
             own.extend_from_slice(b"\r\ncache-status: ");
             own.extend_from_slice(cache_status.as_bytes());
             own.extend_from_slice(b"\r\n");
@@ -534,12 +534,13 @@ where
             }
         }
         ex.status = status.as_u16();
-        let mut resp = Response::new(ProxyBody::local(body, Some(ex)));
+        let mut body = ProxyBody::local(body, Some(ex));
+        if let Some(f) = fields {
+            body = body.with_encoded_fields(f);
+        }
+        let mut resp = Response::new(body);
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
-        if let Some(f) = fields {
-            resp.extensions_mut().insert(f);
-        }
         resp
     }
 }

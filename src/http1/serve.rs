@@ -132,7 +132,7 @@ where
     S: ClientStream,
     V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
     V::Future: Send,
-    B: Body<Data = Bytes> + Default + Send + Unpin,
+    B: ReplyBody,
     B::Error: Into<BoxError>,
     H: FnOnce(S, Bytes) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
 {
@@ -227,7 +227,7 @@ where
     S: ClientStream,
     V: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Send,
     V::Future: Send,
-    B: Body<Data = Bytes> + Default + Send + Unpin,
+    B: ReplyBody,
     B::Error: Into<BoxError>,
 {
     let Head {
@@ -971,6 +971,15 @@ pub struct EncodedFields {
     pub dated: bool,
 }
 
+/// A reply's body, which may carry fields of its head already encoded
+/// (`EncodedFields`): carried by the body rather than the reply's extensions,
+/// whose map would be made and dropped for every reply.
+pub trait ReplyBody: Body<Data = Bytes> + Default + Send + Unpin {
+    fn encoded_fields(&self) -> Option<&EncodedFields> {
+        None
+    }
+}
+
 /// A request body as the service sees it: frames read from the client's
 /// connection as they are asked for.
 #[derive(Debug)]
@@ -1067,7 +1076,7 @@ fn encode_reply_head(
     parts: &http::response::Parts,
     version: Version,
     head_only: bool,
-    body: &impl Body,
+    body: &impl ReplyBody,
     keep_alive: &mut bool,
 ) -> (BytesMut, ReplyFraming) {
     let status = parts.status;
@@ -1105,7 +1114,7 @@ fn encode_reply_head(
         ReplyFraming::Length(n) if n as usize <= super::GATHER => n as usize,
         _ => 0,
     };
-    let encoded = parts.extensions.get::<EncodedFields>();
+    let encoded = body.encoded_fields();
     let encoded_len = encoded.map_or(0, |e| e.lines[0].len() + e.lines[1].len());
     let mut head =
         BytesMut::with_capacity(256 + 64 * parts.headers.len() + encoded_len + small_body);
@@ -1138,7 +1147,7 @@ fn encode_reply_head(
     }
     if let Some(n) = add_length {
         head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(n.to_string().as_bytes());
+        head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     if framing == ReplyFraming::Chunked {

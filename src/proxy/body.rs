@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Either, Full};
 
 use crate::access_log::{AccessLogger, RequestLine};
 use crate::client_io::Busy;
+use crate::http1::serve::{EncodedFields, ReplyBody};
 use crate::http1::BoxError;
 use crate::metrics::{self as m, RequestCounters};
 use crate::pool::BackendBody;
@@ -58,6 +59,12 @@ impl Exchange {
             log,
             _busy: busy,
         }
+    }
+
+    /// When the request began: the request path's reading of the clock,
+    /// which the layers use rather than read it again.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     fn counters(&self) -> &RequestCounters {
@@ -109,6 +116,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<BackendBody, Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>>,
         exchange: Option<Exchange>,
+        // A stored reply's fields, encoded once when it was stored.
+        fields: Option<EncodedFields>,
     }
 }
 
@@ -124,6 +133,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Left(body),
             exchange: Some(exchange),
+            fields: None,
         }
     }
 
@@ -131,7 +141,14 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Right(Either::Left(Full::new(text))),
             exchange,
+            fields: None,
         }
+    }
+
+    /// A reply with fields of its head already encoded for HTTP/1.
+    pub fn with_encoded_fields(mut self, fields: EncodedFields) -> Self {
+        self.fields = Some(fields);
+        self
     }
 
     /// The record of the exchange, from a reply that will not be sent (a
@@ -150,6 +167,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Right(Either::Right(body.map_err(Into::into).boxed_unsync())),
             exchange: None,
+            fields: None,
         }
     }
 }
@@ -185,5 +203,11 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl ReplyBody for ProxyBody {
+    fn encoded_fields(&self) -> Option<&EncodedFields> {
+        self.fields.as_ref()
     }
 }
