@@ -67,66 +67,82 @@ impl Entry {
         ex.bytes = bytes;
     }
 
-    /// Serves one request; the future is boxed, as `tower::Service` needs a
-    /// type it can name. Routing and the proxy's work run in this one future,
-    /// not in futures nested inside it: each level would copy the request
-    /// into the next.
+    /// Serves one request. What needs no waiting is done in the call itself:
+    /// the exchange's record, routing, the replies made without a route and a
+    /// cache's fresh hit, which is answered here in a future that holds only
+    /// the reply. The proxy's work runs in one future (boxed, as
+    /// `tower::Service` needs a type it can name), not in futures nested
+    /// inside it: each level would copy the request into the next.
     fn serve(self, req: Request<ClientBody>) -> EntryFuture {
-        Box::pin(async move {
-            let Entry { state, cx } = &self;
-            let log = cx.access_log.as_ref().map(|l| {
-                (
-                    l.clone(),
-                    Box::new(RequestLine::capture(&req, cx.peer.ip())),
-                )
-            });
-            let mut ex = Exchange::new(cx.activity.begin(), log);
-            let snapshot = state.load();
-            // None: the listener was removed by a reload; its connections drain with 404s.
-            let listener = snapshot.listener(cx.listener);
-            if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
-                let mut resp = proxy::local_reply(
-                    StatusCode::MOVED_PERMANENTLY,
-                    Bytes::from_static(b"301 Moved Permanently: use https\n"),
-                    ex,
-                );
-                resp.headers_mut().insert(http::header::LOCATION, location);
-                return Ok(resp);
-            }
-            let (route, host) = match route(listener, &req) {
-                Ok(routed) => routed,
-                Err(e) => return Ok(proxy::fail(cx, e, ex)),
-            };
-            ex.upstream = Some(route.upstream.clone());
-            Ok(match &route.stack {
-                Stack::Proxy(proxy) => {
+        let Entry { state, cx } = &self;
+        let log = cx.access_log.as_ref().map(|l| {
+            (
+                l.clone(),
+                Box::new(RequestLine::capture(&req, cx.peer.ip())),
+            )
+        });
+        let mut ex = Exchange::new(cx.activity.begin(), log);
+        let snapshot = state.load();
+        // None: the listener was removed by a reload; its connections drain with 404s.
+        let listener = snapshot.listener(cx.listener);
+        if let Some(location) = listener.and_then(|l| https_redirect(l, &req)) {
+            let mut resp = proxy::local_reply(
+                StatusCode::MOVED_PERMANENTLY,
+                Bytes::from_static(b"301 Moved Permanently: use https\n"),
+                ex,
+            );
+            resp.headers_mut().insert(http::header::LOCATION, location);
+            return answered(resp);
+        }
+        let (route, host) = match route(listener, &req) {
+            Ok(routed) => routed,
+            Err(e) => return answered(proxy::fail(cx, e, ex)),
+        };
+        ex.upstream = Some(route.upstream.clone());
+        match &route.stack {
+            Stack::Proxy(proxy) => {
+                // The route's proxy is its upstream's `Arc`: the future holds
+                // that, not the snapshot.
+                let proxy = proxy.clone();
+                Box::pin(async move {
+                    let cx = &self.cx;
                     let forwarded = proxy.forward(cx, req, host, &mut ex).await;
-                    proxy::respond(cx, forwarded, ex)
-                }
-                Stack::Cached(cached) => {
-                    let req = RouteRequest {
-                        http: req,
-                        conn: cx.clone(),
-                        exchange: ex,
-                    };
-                    match cached.fresh_hit(req) {
-                        Ok(resp) => resp,
-                        // Boxed: its state would otherwise be in every request's future.
-                        Err(req) => Box::pin(cached.clone().serve(req)).await,
+                    Ok(proxy::respond(cx, forwarded, ex))
+                })
+            }
+            Stack::Cached(cached) => {
+                let req = RouteRequest {
+                    http: req,
+                    conn: cx.clone(),
+                    exchange: ex,
+                };
+                match cached.fresh_hit(req) {
+                    Ok(resp) => answered(resp),
+                    Err(req) => {
+                        let cached = cached.clone();
+                        Box::pin(async move { Ok(cached.serve(req).await) })
                     }
                 }
-                Stack::Layered(service) => {
-                    let req = RouteRequest {
-                        http: req,
-                        conn: cx.clone(),
-                        exchange: ex,
-                    };
-                    let Ok(resp) = service.clone().oneshot(req).await;
-                    resp
-                }
-            })
-        })
+            }
+            Stack::Layered(service) => {
+                let req = RouteRequest {
+                    http: req,
+                    conn: cx.clone(),
+                    exchange: ex,
+                };
+                let service = service.clone();
+                Box::pin(async move {
+                    let Ok(resp) = service.oneshot(req).await;
+                    Ok(resp)
+                })
+            }
+        }
     }
+}
+
+/// A reply made in the call: its future holds it and nothing else.
+fn answered(resp: Response<ProxyBody>) -> EntryFuture {
+    Box::pin(std::future::ready(Ok(resp)))
 }
 
 /// The route for `req` on `listener`, after the checks every request must

@@ -47,10 +47,12 @@ impl Router {
     }
 }
 
-/// `example.com:8080` -> `example.com`, `[::1]:8080` -> `[::1]`.
-fn strip_port(host: &str) -> &str {
-    match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
+/// `example.com:8080` -> `example.com`, `[::1]:8080` -> `[::1]`. (Over
+/// bytes: `str::rfind` with a char costs several times as much, on every request.)
+pub fn strip_port(host: &str) -> &str {
+    let bytes = host.as_bytes();
+    match bytes.iter().rposition(|&b| b == b':') {
+        Some(i) if !bytes[i..].contains(&b']') => &host[..i],
         _ => host,
     }
 }

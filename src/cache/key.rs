@@ -5,6 +5,8 @@
 use http::header::HOST;
 use http::Request;
 
+use crate::router::strip_port;
+
 /// The key of a request, or `None` when it names no host.
 pub fn of_request<B>(req: &Request<B>, tls: bool) -> Option<String> {
     let host = match req.uri().authority() {
@@ -37,14 +39,6 @@ fn make(scheme: &str, host: &str, target: &str) -> String {
     key[at..].make_ascii_lowercase();
     key.push_str(target);
     key
-}
-
-/// `host:port` to `host`, `[::1]:8080` to `[::1]`.
-fn strip_port(host: &str) -> &str {
-    match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    }
 }
 
 #[cfg(test)]

@@ -116,8 +116,9 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<BackendBody, Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>>,
         exchange: Option<Exchange>,
-        // A stored reply's fields, encoded once when it was stored.
-        fields: Option<EncodedFields>,
+        // A stored reply's fields, encoded once when it was stored. Boxed:
+        // every body moves several times, and few carry these.
+        fields: Option<Box<EncodedFields>>,
     }
 }
 
@@ -147,7 +148,7 @@ impl ProxyBody {
 
     /// A reply with fields of its head already encoded for HTTP/1.
     pub fn with_encoded_fields(mut self, fields: EncodedFields) -> Self {
-        self.fields = Some(fields);
+        self.fields = Some(Box::new(fields));
         self
     }
 
@@ -208,6 +209,6 @@ impl Body for ProxyBody {
 
 impl ReplyBody for ProxyBody {
     fn encoded_fields(&self) -> Option<&EncodedFields> {
-        self.fields.as_ref()
+        self.fields.as_deref()
     }
 }
