@@ -459,9 +459,6 @@ fn bad_chunk() -> io::Error {
 /// less than another system call.
 pub(crate) const GATHER: usize = 16 * 1024;
 
-/// From this size, a body's last frame is written from its own buffer (see `push`).
-const OWN_WRITE_MIN: usize = 1024;
-
 /// A message on its way out: what is left of its head, then its body framed
 /// as the head said (as it is, or chunked). Small frames are gathered into one
 /// write with the head; a large frame is written as it came, without a copy.
@@ -538,7 +535,7 @@ where
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Pending => break,
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => self.push(data, io.is_write_vectored())?,
+                        Ok(data) => self.push(data)?,
                         Err(frame) => self.end(frame.into_trailers().ok())?,
                     },
                     Poll::Ready(None) => self.end(None)?,
@@ -578,7 +575,7 @@ where
         }
     }
 
-    fn push(&mut self, data: Bytes, vectored: bool) -> io::Result<()> {
+    fn push(&mut self, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -595,11 +592,7 @@ where
             push_hex(&mut self.front, data.len());
             self.front.extend_from_slice(b"\r\n");
         }
-        // The last bytes of a body of known length, if large, go out from their
-        // own buffer in the same write as the head (`writev`): a cached reply's
-        // body is never copied. Smaller ones cost less to copy than to list.
-        let last = self.remaining == Some(0) && vectored && data.len() >= OWN_WRITE_MIN;
-        if !last && self.front.len() + data.len() <= GATHER {
+        if self.front.len() + data.len() <= GATHER {
             self.front.extend_from_slice(&data);
             if self.chunked {
                 self.front.extend_from_slice(b"\r\n");
@@ -841,79 +834,6 @@ mod tests {
 
         let out = written(vec![data(b"hel"), data(b"lo")], false, Some(5)).unwrap();
         assert_eq!(out, b"HEAD\r\nhello");
-    }
-
-    /// A socket that keeps each write's buffers, and where each was in memory.
-    #[derive(Default)]
-    struct Writes(Vec<Vec<(*const u8, Vec<u8>)>>);
-
-    impl tokio::io::AsyncWrite for Writes {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.get_mut().0.push(vec![(buf.as_ptr(), buf.to_vec())]);
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let write: Vec<_> = bufs.iter().map(|b| (b.as_ptr(), b.to_vec())).collect();
-            let n = write.iter().map(|(_, b)| b.len()).sum();
-            self.get_mut().0.push(write);
-            Poll::Ready(Ok(n))
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// The writes an `Outgoing` makes for a body of `length` bytes in these frames.
-    fn writes(frames: Vec<Bytes>, length: u64) -> Writes {
-        let body = Frames(frames.into_iter().map(|f| Ok(Frame::data(f))).collect());
-        let head = BytesMut::from(&b"HEAD\r\n"[..]);
-        let mut out = Outgoing::new(head, Some(body), false, Some(length));
-        let mut sink = Writes::default();
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let sent = out.poll_send(&mut cx, &mut sink);
-        assert!(matches!(sent, Poll::Ready(Ok(()))), "{sent:?}");
-        sink
-    }
-
-    #[test]
-    fn a_large_last_frame_goes_out_uncopied_in_the_heads_write() {
-        // A cached reply's body: one write, the head and then the body's own buffer.
-        let body = Bytes::from(vec![b'x'; 4096]);
-        let Writes(w) = writes(vec![body.clone()], 4096);
-        assert_eq!(w.len(), 1, "one write");
-        assert_eq!(w[0].len(), 2);
-        assert_eq!(w[0][0].1, b"HEAD\r\n");
-        assert_eq!(
-            w[0][1],
-            (body.as_ptr(), body.to_vec()),
-            "the body's own buffer"
-        );
-
-        // Small, or not the last: gathered into one buffer and written once.
-        let Writes(w) = writes(vec![Bytes::from_static(b"hello")], 5);
-        assert_eq!(w.len(), 1);
-        assert_eq!(w[0].len(), 1);
-        assert_eq!(w[0][0].1, b"HEAD\r\nhello");
-        let (a, b) = (Bytes::from(vec![b'a'; 2000]), Bytes::from(vec![b'b'; 2000]));
-        let Writes(w) = writes(vec![a.clone(), b.clone()], 4000);
-        assert_eq!(w.len(), 1);
-        let sent: Vec<u8> = w[0].iter().flat_map(|(_, b)| b.clone()).collect();
-        assert_eq!(sent, [&b"HEAD\r\n"[..], &a, &b].concat());
-        assert_ne!(w[0][0].0, a.as_ptr(), "the first frame is gathered");
     }
 
     #[test]
