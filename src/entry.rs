@@ -34,9 +34,12 @@ use crate::proxy::{self, ConnContext, Exchange, ProxyBody, RouteRequest};
 use crate::stack::Stack;
 use crate::state::{ListenerRoutes, Route, State};
 
-/// One client connection's way into the request path. Cloning it (once per
-/// request, for the request's future) is two `Arc`s'; it holds no state of
-/// its own, and it is kept small: an idle connection holds it.
+/// One client connection's way into the request path. A request does not
+/// clone it: the state is only read in the call, and a future that outlives
+/// the call takes the connection's context alone (every worker shares the
+/// state's `Arc`, and a count changed by every request would be a cache line
+/// that every core writes). It holds no state of its own, and it is kept
+/// small: an idle connection holds it.
 #[derive(Clone, Debug)]
 pub struct Entry {
     state: Arc<State>,
@@ -73,8 +76,8 @@ impl Entry {
     /// the reply. The proxy's work runs in one future (boxed, as
     /// `tower::Service` needs a type it can name), not in futures nested
     /// inside it: each level would copy the request into the next.
-    fn serve(self, req: Request<ClientBody>) -> EntryFuture {
-        let Entry { state, cx } = &self;
+    fn serve(&self, req: Request<ClientBody>) -> EntryFuture {
+        let Entry { state, cx } = self;
         let log = cx.access_log.as_ref().map(|l| {
             (
                 l.clone(),
@@ -103,11 +106,10 @@ impl Entry {
             Stack::Proxy(proxy) => {
                 // The route's proxy is its upstream's `Arc`: the future holds
                 // that, not the snapshot.
-                let proxy = proxy.clone();
+                let (proxy, cx) = (proxy.clone(), cx.clone());
                 Box::pin(async move {
-                    let cx = &self.cx;
-                    let forwarded = proxy.forward(cx, req, host, &mut ex).await;
-                    Ok(proxy::respond(cx, forwarded, ex))
+                    let forwarded = proxy.forward(&cx, req, host, &mut ex).await;
+                    Ok(proxy::respond(&cx, forwarded, ex))
                 })
             }
             Stack::Cached(cached) => {
@@ -225,6 +227,6 @@ impl<B: ClientBodyKind> tower::Service<Request<B>> for Entry {
     }
 
     fn call(&mut self, req: Request<B>) -> EntryFuture {
-        self.clone().serve(req.map(B::into_client_body))
+        self.serve(req.map(B::into_client_body))
     }
 }
