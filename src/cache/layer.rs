@@ -134,7 +134,7 @@ where
         let now = req.exchange.started();
         match self.cache.store.get(&key, http.headers()) {
             Some(entry) if entry.freshness(now) == Freshness::Fresh => {
-                self.cache.stats.count(Outcome::HitMemory);
+                self.cache.stats.count_at(Outcome::HitMemory, now);
                 Ok(self.reply(&entry, req, now, Outcome::HitMemory, HIT_MEMORY))
             }
             _ => Err(req),
@@ -163,7 +163,7 @@ where
                 _ => policy::satisfies(&entry.policy, &head_of(&req.http), SystemTime::now()),
             };
             if fresh {
-                self.cache.stats.count(Outcome::HitMemory);
+                self.cache.stats.count_at(Outcome::HitMemory, now);
                 return self.reply(entry, req, now, Outcome::HitMemory, HIT_MEMORY);
             }
             if ask == Ask::Plain

@@ -16,8 +16,8 @@ pub mod store;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use metrics::Counter;
 use tokio::sync::watch;
@@ -369,26 +369,35 @@ impl Stats {
     }
 
     pub fn count(&self, outcome: Outcome) {
+        self.count_at(outcome, Instant::now());
+    }
+
+    /// Counts an outcome decided at `at` (a request's start, which a hit has
+    /// already read: the clock is not read again).
+    pub fn count_at(&self, outcome: Outcome, at: Instant) {
         self.requests[outcome as usize].increment(1);
         let hit = matches!(outcome, Outcome::HitMemory | Outcome::HitRedis);
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        self.hits.fetch_add(u64::from(hit), Ordering::Relaxed);
-        let now = unix_seconds();
+        let now = second_of(at);
         let (second, lookups, hits) = &self.seconds[(now % 60) as usize];
         // The first request of a new second resets its slot; a request racing
         // it may be lost from the minute's figure, never from the totals.
-        if second.swap(now, Ordering::Relaxed) != now {
+        // Read first: every other request of the second writes nothing here.
+        if second.load(Ordering::Relaxed) != now && second.swap(now, Ordering::Relaxed) != now {
             lookups.store(0, Ordering::Relaxed);
             hits.store(0, Ordering::Relaxed);
         }
         lookups.fetch_add(1, Ordering::Relaxed);
-        hits.fetch_add(u64::from(hit), Ordering::Relaxed);
+        if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            hits.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Hits over lookups since start, and over the last minute.
     pub fn hit_ratios(&self) -> (f64, f64) {
         let ratio = |h: u64, l: u64| if l == 0 { 0.0 } else { h as f64 / l as f64 };
-        let now = unix_seconds();
+        let now = second_of(Instant::now());
         let (mut l, mut h) = (0, 0);
         for (second, lookups, hits) in &self.seconds {
             if now.saturating_sub(second.load(Ordering::Relaxed)) < 60 {
@@ -406,10 +415,11 @@ impl Stats {
     }
 }
 
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Seconds on a process-wide monotonic clock, from 1 (0: a slot never used).
+fn second_of(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_secs() + 1
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
