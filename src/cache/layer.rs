@@ -20,7 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either};
 use tower::{Layer, Service, ServiceExt};
 
-use super::policy::{self, Ask, Lifetime};
+use super::policy::{self, Ask, Asked, Lifetime};
 use super::store::{Entry, Freshness, CACHE_STATUS};
 use super::{key, Cache, Fill, Filled, Join, Outcome, Purge, Source};
 use crate::client_io::Activity;
@@ -359,6 +359,7 @@ where
                 vary: policy::vary_values(&parts.headers, &client.headers),
                 tags: policy::tags(&parts.headers),
                 policy,
+                asked: Asked::of(&client),
                 lifetime,
             },
             // Its length, when given, is what it will hold: no regrowth on the way.
@@ -608,6 +609,7 @@ fn refresh(
         policy::vary_values(&head.headers, &client.headers),
         policy::tags(&head.headers),
         policy,
+        Asked::of(client),
         lifetime,
         SystemTime::now(),
     )))
@@ -661,6 +663,7 @@ struct Template {
     vary: Vec<(HeaderName, Option<HeaderValue>)>,
     tags: Vec<String>,
     policy: http_cache_semantics::CachePolicy,
+    asked: Asked,
     lifetime: Lifetime,
 }
 
@@ -689,6 +692,7 @@ impl Filling {
             t.vary,
             t.tags,
             t.policy,
+            t.asked,
             t.lifetime,
             SystemTime::now(),
         );

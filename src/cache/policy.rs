@@ -6,8 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, EXPIRES, PRAGMA, SET_COOKIE, VARY,
+    HeaderMap, HeaderName, HeaderValue, AGE, CACHE_CONTROL, EXPIRES, HOST, PRAGMA, SET_COOKIE, VARY,
 };
+use http::{Method, StatusCode, Uri};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
 
 /// The cache's own settings for responses that state nothing.
@@ -31,6 +32,64 @@ pub struct Lifetime {
     pub stale_if_error: Duration,
     /// Never served stale (`must-revalidate`, `proxy-revalidate`).
     pub must_revalidate: bool,
+}
+
+/// The request a stored response answered, as far as its policy compares a
+/// later request with it: the method, the target and `Host` (and the fields
+/// the response varies on, which the entry keeps apart). Nothing else of it
+/// is kept where the Redis tier shares it: not its cookies, not its credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Asked {
+    pub method: Method,
+    pub uri: Uri,
+    pub host: Option<HeaderValue>,
+}
+
+impl Asked {
+    pub fn of(req: &http::request::Parts) -> Self {
+        Asked {
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            host: req.headers.get(HOST).cloned(),
+        }
+    }
+}
+
+/// The policy `storable` made, made again from what the Redis tier keeps: the
+/// request as `Asked`, its values of the fields the response varies on, the
+/// response's status and fields, its age when stored and when that was. It
+/// judges later requests as the first did: of the request's fields the policy
+/// reads only `Host`, those the response varies on, and (to decide whether it
+/// may be stored, which was decided) `Authorization`. The fields come back,
+/// with `Age` as it was when stored.
+pub fn rebuild(
+    asked: &Asked,
+    vary: &[(HeaderName, Option<HeaderValue>)],
+    status: StatusCode,
+    mut fields: HeaderMap,
+    age: Duration,
+    stored_at: SystemTime,
+) -> (CachePolicy, HeaderMap) {
+    let mut req = http::Request::new(());
+    *req.method_mut() = asked.method.clone();
+    *req.uri_mut() = asked.uri.clone();
+    let headers = req.headers_mut();
+    if let Some(host) = &asked.host {
+        headers.insert(HOST, host.clone());
+    }
+    for (name, value) in vary {
+        if let Some(value) = value {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    // Its age then, as the field it was counted from.
+    fields.insert(AGE, HeaderValue::from(age.as_secs()));
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = fields;
+    let resp = resp.into_parts().0;
+    let policy = CachePolicy::new_options(&req.into_parts().0, &resp, stored_at, options());
+    (policy, resp.headers)
 }
 
 /// The `Cache-Control` directives bascule acts on, from every field of the message.

@@ -16,11 +16,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, AGE, HOST};
+use http::{Method, StatusCode};
 use redis::aio::ConnectionManager;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::policy::Lifetime;
-use super::store::Entry;
+use super::policy::{self, Asked, Lifetime};
+use super::store::{Entry, CACHE_STATUS};
 use super::{Cache, Purge, Source};
 use crate::config::CacheRedisConfig;
 
@@ -339,15 +341,24 @@ fn jitter_fraction() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// An entry as Redis holds it: the length of its JSON head, the head, the body.
+/// What begins an entry as Redis holds it, and says which form it has: one
+/// this build cannot read (an older form, during an upgrade) is a miss, and
+/// the fill that follows writes it again.
+const FORM: &[u8; 4] = b"bsc2";
+
+/// An entry as Redis holds it: `FORM`, then three parts each after its length
+/// (4 bytes, big-endian): `Meta` as JSON; the response's fields as HTTP/1
+/// writes them (`name: value` lines); the request's `Host` and the fields the
+/// response varies on, likewise. Then the body. The policy is made again from
+/// these when the entry is read (`policy::rebuild`): kept whole, it held every
+/// field of the request that filled it (its cookies, its credentials), and
+/// reading it back was most of a Redis hit's cost.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Stored {
+struct Meta {
     status: u16,
-    #[serde(with = "http_serde::header_map")]
-    headers: http::HeaderMap,
-    vary: Vec<(String, Option<Vec<u8>>)>,
+    method: String,
+    uri: String,
     tags: Vec<String>,
-    policy: http_cache_semantics::CachePolicy,
     age_ms: u64,
     fresh_ms: u64,
     stale_while_revalidate_ms: u64,
@@ -360,22 +371,24 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+fn put_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    out.extend_from_slice(part);
+}
+
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 pub fn encode(e: &Entry) -> Vec<u8> {
-    let head = Stored {
+    let meta = Meta {
         status: e.status.as_u16(),
-        headers: e.headers.clone(),
-        vary: e
-            .vary
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    v.as_ref().map(|v| v.as_bytes().to_vec()),
-                )
-            })
-            .collect(),
+        method: e.asked.method.to_string(),
+        uri: e.asked.uri.to_string(),
         tags: e.tags.clone(),
-        policy: e.policy.clone(),
         age_ms: millis(e.lifetime.age),
         fresh_ms: millis(e.lifetime.fresh),
         stale_while_revalidate_ms: millis(e.lifetime.stale_while_revalidate),
@@ -383,50 +396,257 @@ pub fn encode(e: &Entry) -> Vec<u8> {
         must_revalidate: e.lifetime.must_revalidate,
         stored_at_ms: millis(e.stored_at.duration_since(UNIX_EPOCH).unwrap_or_default()),
     };
-    let json = serde_json::to_vec(&head).unwrap_or_default();
-    let mut out = Vec::with_capacity(4 + json.len() + e.body.len());
-    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    out.extend_from_slice(&json);
+    let mut response = Vec::with_capacity(e.encoded.lines[1].len() + 64);
+    for (name, value) in &e.headers {
+        // Placeholders that each reply sets.
+        if name != AGE && name != CACHE_STATUS {
+            put_field(&mut response, name, value);
+        }
+    }
+    let mut request = Vec::new();
+    if let Some(host) = &e.asked.host {
+        put_field(&mut request, &HOST, host);
+    }
+    for (name, value) in &e.vary {
+        if let Some(value) = value {
+            put_field(&mut request, name, value);
+        }
+    }
+    let meta = serde_json::to_vec(&meta).unwrap_or_default();
+    let mut out =
+        Vec::with_capacity(16 + meta.len() + response.len() + request.len() + e.body.len());
+    out.extend_from_slice(FORM);
+    put_part(&mut out, &meta);
+    put_part(&mut out, &response);
+    put_part(&mut out, &request);
     out.extend_from_slice(&e.body);
     out
 }
 
+/// The part at the front of `blob` and what follows it.
+fn take_part(blob: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+    Some((blob.get(4..4 + len)?, blob.get(4 + len..)?))
+}
+
+/// Fields written by `put_field`; `None` if one is not a field.
+fn fields(lines: &[u8]) -> Option<HeaderMap> {
+    // Sized once: growing the map as it fills costs more than filling it.
+    let mut map = HeaderMap::with_capacity(lines.iter().filter(|&&b| b == b'\n').count());
+    for line in lines.split(|&b| b == b'\n') {
+        let Some(line) = line.strip_suffix(b"\r") else {
+            // Only what follows the last line's end.
+            if line.is_empty() {
+                break;
+            }
+            return None;
+        };
+        let colon = line.iter().position(|&b| b == b':')?;
+        let value = line[colon + 1..].strip_prefix(b" ")?;
+        map.append(
+            HeaderName::from_bytes(&line[..colon]).ok()?,
+            HeaderValue::from_bytes(value).ok()?,
+        );
+    }
+    Some(map)
+}
+
 /// The entry, aged by the time it spent in Redis; `None` if it cannot be read.
 pub fn decode(blob: &[u8]) -> Option<Entry> {
-    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
-    let head: Stored = serde_json::from_slice(blob.get(4..4 + len)?).ok()?;
-    let body = Bytes::copy_from_slice(blob.get(4 + len..)?);
-    let stored_at = UNIX_EPOCH + Duration::from_millis(head.stored_at_ms);
+    let blob = blob.strip_prefix(FORM)?;
+    let (meta, blob) = take_part(blob)?;
+    let (response, blob) = take_part(blob)?;
+    let (request, body) = take_part(blob)?;
+    let meta: Meta = serde_json::from_slice(meta).ok()?;
+    let status = StatusCode::from_u16(meta.status).ok()?;
+    let headers = fields(response)?;
+    let request = fields(request)?;
+    let asked = Asked {
+        method: Method::from_bytes(meta.method.as_bytes()).ok()?,
+        uri: meta.uri.parse().ok()?,
+        host: request.get(HOST).cloned(),
+    };
+    let vary = policy::vary_values(&headers, &request);
+    let stored_at = UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms);
+    let age = Duration::from_millis(meta.age_ms);
+    let (policy, headers) = policy::rebuild(&asked, &vary, status, headers, age, stored_at);
     let in_redis = SystemTime::now()
         .duration_since(stored_at)
         .unwrap_or_default();
-    let vary = head
-        .vary
-        .into_iter()
-        .map(|(n, v)| {
-            let name = http::HeaderName::from_bytes(n.as_bytes()).ok()?;
-            let value = match v {
-                Some(v) => Some(http::HeaderValue::from_bytes(&v).ok()?),
-                None => None,
-            };
-            Some((name, value))
-        })
-        .collect::<Option<Vec<_>>>()?;
     // Aged by its time in Redis, it is as if stored now.
     Some(Entry::new(
-        http::StatusCode::from_u16(head.status).ok()?,
-        head.headers,
-        body,
+        status,
+        headers,
+        Bytes::copy_from_slice(body),
         vary,
-        head.tags,
-        head.policy,
+        meta.tags,
+        policy,
+        asked,
         Lifetime {
-            age: Duration::from_millis(head.age_ms) + in_redis,
-            fresh: Duration::from_millis(head.fresh_ms),
-            stale_while_revalidate: Duration::from_millis(head.stale_while_revalidate_ms),
-            stale_if_error: Duration::from_millis(head.stale_if_error_ms),
-            must_revalidate: head.must_revalidate,
+            age: age + in_redis,
+            fresh: Duration::from_millis(meta.fresh_ms),
+            stale_while_revalidate: Duration::from_millis(meta.stale_while_revalidate_ms),
+            stale_if_error: Duration::from_millis(meta.stale_if_error_ms),
+            must_revalidate: meta.must_revalidate,
         },
         SystemTime::now(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::Defaults;
+
+    /// An entry stored as the layer stores one, for this request and response.
+    fn stored(req: &[(&str, &str)], resp: &[(&str, &str)]) -> Entry {
+        let mut r = http::Request::get("/p?q=1");
+        for (k, v) in req {
+            r = r.header(*k, *v);
+        }
+        let client = r.body(()).unwrap().into_parts().0;
+        let mut s = http::Response::builder().status(200);
+        for (k, v) in resp {
+            s = s.header(*k, *v);
+        }
+        let head = s.body(()).unwrap().into_parts().0;
+        let now = SystemTime::now();
+        let (policy, lifetime) =
+            policy::storable(&client, &head, &Defaults::default(), now).unwrap();
+        Entry::new(
+            head.status,
+            head.headers.clone(),
+            Bytes::from_static(b"the body"),
+            policy::vary_values(&head.headers, &client.headers),
+            policy::tags(&head.headers),
+            policy,
+            Asked::of(&client),
+            lifetime,
+            now,
+        )
+    }
+
+    fn request(fields: &[(&str, &str)]) -> http::request::Parts {
+        let mut r = http::Request::get("/p?q=1");
+        for (k, v) in fields {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn an_entry_read_back_is_the_entry_stored() {
+        let e = stored(
+            &[
+                ("host", "shop.test:8080"),
+                ("accept-language", "fr"),
+                ("user-agent", "u"),
+            ],
+            &[
+                ("cache-control", "public, max-age=600, stale-if-error=30"),
+                ("vary", "Accept-Language, Accept-Encoding"),
+                ("etag", "\"v1\""),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("cache-tag", "product-42 list"),
+                ("x-odd", " leading space and: colon"),
+                ("age", "20"),
+            ],
+        );
+        let back = decode(&encode(&e)).expect("read back");
+        assert_eq!(back.status, e.status);
+        assert_eq!(back.headers, e.headers);
+        assert_eq!(back.body, e.body);
+        assert_eq!(back.vary, e.vary);
+        assert_eq!(back.tags, e.tags);
+        assert_eq!(back.asked, e.asked);
+        assert_eq!(back.lifetime.fresh, e.lifetime.fresh);
+        assert_eq!(back.lifetime.stale_if_error, e.lifetime.stale_if_error);
+        assert!(back.lifetime.age >= e.lifetime.age);
+        assert!(back.lifetime.age < e.lifetime.age + Duration::from_secs(1));
+        // The policy made again judges requests as the one made when it was stored.
+        let now = SystemTime::now();
+        assert_eq!(back.policy.age(now).as_secs(), e.policy.age(now).as_secs());
+        let asks: [&[(&str, &str)]; 7] = [
+            &[("host", "shop.test:8080"), ("accept-language", "fr")],
+            &[("host", "shop.test:8080"), ("accept-language", "de")],
+            &[("host", "other.test"), ("accept-language", "fr")],
+            &[
+                ("host", "shop.test:8080"),
+                ("accept-language", "fr"),
+                ("cache-control", "max-age=10"),
+            ],
+            &[
+                ("host", "shop.test:8080"),
+                ("accept-language", "fr"),
+                ("cache-control", "max-age=60"),
+            ],
+            &[
+                ("host", "shop.test:8080"),
+                ("accept-language", "fr"),
+                ("cache-control", "min-fresh=700"),
+            ],
+            &[
+                ("host", "shop.test:8080"),
+                ("accept-language", "fr"),
+                ("pragma", "no-cache"),
+            ],
+        ];
+        let judged: Vec<bool> = asks
+            .iter()
+            .map(|a| policy::satisfies(&e.policy, &request(a), now))
+            .collect();
+        assert_eq!(judged, [true, false, false, false, true, false, false]);
+        for (ask, expected) in asks.iter().zip(judged) {
+            assert_eq!(
+                policy::satisfies(&back.policy, &request(ask), now),
+                expected,
+                "{ask:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_keeps_nothing_of_the_request_but_what_the_policy_compares() {
+        let e = stored(
+            &[
+                ("host", "shop.test"),
+                ("authorization", "Bearer secret-token"),
+                ("cookie", "session=secret-session"),
+                ("accept-language", "fr"),
+            ],
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("vary", "accept-language"),
+            ],
+        );
+        let blob = encode(&e);
+        let text = String::from_utf8_lossy(&blob);
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.contains("host: shop.test\r\naccept-language: fr\r\n"),
+            "{text}"
+        );
+        // An entry stored with credentials is still told apart by what it varies on.
+        let back = decode(&blob).unwrap();
+        let now = SystemTime::now();
+        let fr = [
+            ("host", "shop.test"),
+            ("accept-language", "fr"),
+            ("cache-control", "max-age=30"),
+        ];
+        assert!(policy::satisfies(&back.policy, &request(&fr), now));
+    }
+
+    #[test]
+    fn a_blob_in_another_form_is_a_miss() {
+        let e = stored(&[("host", "a")], &[("cache-control", "max-age=60")]);
+        let blob = encode(&e);
+        assert!(decode(&blob).is_some());
+        assert!(decode(&blob[..blob.len() - e.body.len() - 3]).is_none());
+        assert!(decode(b"\x00\x00\x00\x02{}body").is_none());
+        let mut other = blob.clone();
+        other[3] = b'1';
+        assert!(decode(&other).is_none());
+    }
 }

@@ -19,7 +19,7 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 use http::StatusCode;
 use http_cache_semantics::CachePolicy;
 
-use super::policy::Lifetime;
+use super::policy::{Asked, Lifetime};
 
 /// Variants kept per key: past it, the oldest goes. A response that varies on a
 /// field with many values (`User-Agent`) would otherwise fill the cache alone.
@@ -41,6 +41,8 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// For requests with directives of their own, and revalidation.
     pub policy: CachePolicy,
+    /// The request the policy was made for, which the Redis tier keeps in its stead.
+    pub asked: Asked,
     pub lifetime: Lifetime,
     /// When it was stored, on the process's clock.
     stored: Instant,
@@ -52,7 +54,12 @@ pub struct Entry {
 }
 
 fn encode(headers: &HeaderMap) -> EncodedFields {
-    let mut lines = Vec::new();
+    // Sized once: a few more fields than fit would make it grow twice.
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut lines = Vec::with_capacity(size);
     for (name, value) in headers {
         if [
             AGE,
@@ -97,6 +104,7 @@ impl Entry {
         vary: Vec<(HeaderName, Option<HeaderValue>)>,
         tags: Vec<String>,
         policy: CachePolicy,
+        asked: Asked,
         lifetime: Lifetime,
         stored_at: SystemTime,
     ) -> Self {
@@ -115,6 +123,7 @@ impl Entry {
             vary,
             tags,
             policy,
+            asked,
             lifetime,
             stored: Instant::now(),
             stored_at,
@@ -343,6 +352,7 @@ mod tests {
                 .collect(),
             tags.iter().map(|t| t.to_string()).collect(),
             policy,
+            Asked::of(&req),
             Lifetime {
                 age: Duration::ZERO,
                 fresh: Duration::from_secs(fresh),
