@@ -4,7 +4,10 @@
   instructions LOAD   user-space instructions per request under callgrind, LOAD one of
                       keepalive, close, tls (HTTP/1 over TLS), h2 (HTTP/2 over TLS),
                       handshake (a new TLS connection per request, as wrk resumes them) or
-                      cached (a 4 KiB reply from the memory tier of the edge cache)
+                      cached (a 4 KiB reply from the memory tier of the edge cache) or
+                      redis-hit (4 KiB replies from the Redis tier: 20 000 URLs through a
+                      1 MiB memory tier, so nearly every request misses in memory; needs
+                      redis-server, run on core 1 at port 19379)
   cpu-split           user and system CPU per request, bascule and NGINX alternately
                       (add --close for a new connection per request)
   idle-tls            RSS per idle TLS keep-alive connection
@@ -16,9 +19,9 @@ costs a request that never waits; 1, for 64 clients on three backends, to see wh
 that waits in the queue and is handed its place costs.
 
 Run from the project root after `cargo build --release`. Needs nginx-light, wrk, nghttp2-client
-(h2load), valgrind and openssl (Debian packages). The balancer runs on core 0; the three NGINX
-backends and the load on core 1, as in compare.py. Ports 18080 to 18082, 18443 and 19001-19003
-must be free.
+(h2load), valgrind and openssl (Debian packages), and redis-server for redis-hit. The balancer
+runs on core 0; the three NGINX backends, Redis and the load on core 1, as in compare.py. Ports
+18080 to 18082, 18443, 19001-19003 and 19379 must be free.
 """
 import argparse
 import asyncio
@@ -35,6 +38,8 @@ import urllib.request
 BASCULE = os.path.abspath("target/release/bascule")
 PLAIN, NGINX_LB, ADMIN, TLS = 18080, 18081, 18082, 18443
 BACKENDS = (19001, 19002, 19003)
+REDIS = 19379
+SHARED_URLS = 20000
 
 
 def nginx_head(d, name):
@@ -43,7 +48,7 @@ def nginx_head(d, name):
             f"events {{ worker_connections 16384; }}\n")
 
 
-def write_configs(d, max_connections=None):
+def write_configs(d, max_connections=None, redis=False):
     with open(f"{d}/cached.bin", "wb") as f:
         f.write(b"c" * 4096)
     servers = "".join(f"""
@@ -52,6 +57,7 @@ def write_configs(d, max_connections=None):
     keepalive_requests 1000000;
     location / {{ add_header X-Backend {i}; return 200 "backend {i}\\n"; }}
     location = /cached {{ alias {d}/cached.bin; add_header Cache-Control "public, max-age=600"; }}
+    location /shared {{ alias {d}/cached.bin; add_header Cache-Control "public, max-age=600"; }}
   }}""" for i, port in enumerate(BACKENDS, 1))
     open(f"{d}/backends.conf", "w").write(nginx_head(d, "backends") + f"""http {{
   access_log off;
@@ -81,18 +87,28 @@ def write_configs(d, max_connections=None):
                     "-subj", "/CN=localhost"], check=True, capture_output=True)
     backends = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
     limit = f"    max_connections: {max_connections}\n" if max_connections else ""
+    shared_cache = f"""  shared:
+    memory: 1MiB
+    max_object: 64KiB
+    redis:
+      url: redis://127.0.0.1:{REDIS}/0
+""" if redis else ""
+    shared_route = """      - match: { path_prefix: /shared }
+        upstream: app
+        cache: shared
+""" if redis else ""
     open(f"{d}/bascule.yaml", "w").write(f"""admin:
   bind: 127.0.0.1:{ADMIN}
 caches:
   pages:
     memory: 256MiB
-listeners:
+{shared_cache}listeners:
   - bind: 127.0.0.1:{PLAIN}
     routes:
       - match: {{ path_prefix: /cached }}
         upstream: app
         cache: pages
-      - upstream: app
+{shared_route}      - upstream: app
   - bind: 127.0.0.1:{TLS}
     tls:
       certificates:
@@ -157,8 +173,24 @@ def instructions(d, load, n):
     h2load = {"keepalive": ["h2load", "--h1", "-c", "16"], "tls": ["h2load", "--h1", "-c", "16"],
               "cached": ["h2load", "--h1", "-c", "16"],
               "h2": ["h2load", "-c", "16", "-m", "10"]}
+    if load == "redis-hit":
+        # Each URL comes back once in 20 000 requests (the step is prime to
+        # their number): the 1 MiB memory tier holds about 200 of them.
+        with open(f"{d}/urls.lua", "w") as f:
+            f.write(f"""local i = 0
+request = function()
+  i = (i + 7919) % {SHARED_URLS}
+  return wrk.format("GET", "/shared?k=" .. i)
+end
+""")
 
     def run_load(count):
+        if load == "redis-hit":
+            # About what callgrind lets through in a second.
+            cmd = ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{max(1, count // 1500)}s",
+                   "-s", f"{d}/urls.lua", url]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            return int(re.search(r"(\d+) requests in", out).group(1))
         if load in ("close", "handshake"):
             seconds = max(1, count // 1000)
             return wrk(url, seconds, True)
@@ -166,11 +198,17 @@ def instructions(d, load, n):
                        check=True, capture_output=True)
         return count
 
-    run_load(2000)  # warm-up: pools filled, nothing lazy left
+    # Warm-up: pools filled, nothing lazy left; for redis-hit, every URL stored in Redis.
+    run_load(2 * SHARED_URLS if load == "redis-hit" else 2000)
     subprocess.run(["callgrind_control", "-i", "on", str(vg.pid)], check=True, capture_output=True)
     sent = run_load(n)
     subprocess.run(["callgrind_control", "-i", "off", str(vg.pid)], check=True, capture_output=True)
     subprocess.run(["callgrind_control", "-d", str(vg.pid)], check=True, capture_output=True)
+    if load == "redis-hit":
+        # What the requests found, warm-up included.
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics").read().decode()
+        found = re.findall(r'cache="shared",result="(\w+)"\} (\d+)', metrics)
+        print("shared cache: " + ", ".join(f"{k} {v}" for k, v in found))
     vg.send_signal(signal.SIGTERM)
     vg.wait()
     total = callgrind_total(f"{out}.1")
@@ -259,12 +297,27 @@ async def idle_tls(d, conns):
         lb.wait()
 
 
+class Both:
+    """Two processes stopped as one."""
+
+    def __init__(self, a, b):
+        self.procs = (a, b)
+
+    def terminate(self):
+        for p in self.procs:
+            p.terminate()
+
+    def wait(self):
+        for p in self.procs:
+            p.wait()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-connections", type=int, help="bascule's per-backend limit")
     sub = ap.add_subparsers(dest="what", required=True)
     ins = sub.add_parser("instructions")
-    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake", "cached"])
+    ins.add_argument("load", choices=["keepalive", "close", "tls", "h2", "handshake", "cached", "redis-hit"])
     ins.add_argument("--requests", type=int, default=20000,
                      help="requests measured (close: a thousand per second of wrk)")
     split = sub.add_parser("cpu-split")
@@ -280,8 +333,12 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="bascule-profile-") as d:
         os.chmod(d, 0o755)
-        write_configs(d, args.max_connections)
+        redis = args.what == "instructions" and args.load == "redis-hit"
+        write_configs(d, args.max_connections, redis)
         backends = start(["nginx", "-p", d, "-c", f"{d}/backends.conf"], 1)
+        if redis:
+            backends = Both(backends, start(["redis-server", "--port", str(REDIS), "--save", "",
+                                             "--appendonly", "no"], 1))
         try:
             if args.what == "instructions":
                 instructions(d, args.load, args.requests)
