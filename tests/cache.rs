@@ -951,6 +951,48 @@ fn the_memory_bound_holds_when_eight_times_its_size_is_filled() {
     assert!(all < 64 * 1024, "RSS grew {all} KiB");
 }
 
+#[test]
+fn the_memory_bound_holds_for_small_replies() {
+    // Small replies are where what an entry holds besides its body counts:
+    // its fields, its policy, and any buffer its values still share with the
+    // backend's read (kilobytes each, once).
+    let origin = Origin::start(|_, _| Answer {
+        body: vec![b's'; 4 << 10],
+        ..ok(
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("etag", "\"v1\""),
+                ("last-modified", "Mon, 07 Dec 2026 05:49:09 GMT"),
+                ("content-type", "text/plain"),
+                ("x-served-by", "replica-7"),
+            ],
+            "",
+        )
+    });
+    // One worker: each keeps freed memory of its own for reuse, and which
+    // worker a connection lands on would move the figure from run to run.
+    let p =
+        Process::start(&config(&origin, "    memory: 8MiB\n").replace("workers: 2", "workers: 1"));
+    assert_eq!(get_at(&p, "/warm").status, 200);
+    let before = p.rss_kib();
+    // Some 4 000 replies of 4 KiB: 16 MiB of bodies, twice what an 8 MiB cache holds.
+    for i in 0..4000 {
+        let r = get_at(&p, &format!("/s{i}"));
+        assert_eq!((r.status, r.body.len()), (200, 4 << 10));
+    }
+    let after = p.rss_kib();
+    let status = status_json(p.admin.unwrap());
+    let bytes = status["caches"]["pages"]["bytes"].as_u64().unwrap();
+    let entries = status["caches"]["pages"]["entries"].as_u64().unwrap();
+    eprintln!("4 000 replies of 4 KiB through an 8 MiB cache: it holds {entries} entries, {bytes} bytes; RSS {before} to {after} KiB");
+    assert!(bytes <= 8 << 20, "{bytes}");
+    let grew = after.saturating_sub(before);
+    assert!(
+        grew < 12 * 1024,
+        "RSS grew {grew} KiB for an 8 MiB cache ({entries} entries)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_share_entries_with_http1_clients() {
     let origin = Origin::start(|_, _| ok(&[("cache-control", "max-age=60")], "both"));

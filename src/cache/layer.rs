@@ -345,7 +345,7 @@ where
         .filter(|_| {
             content_length(&parts.headers).is_none_or(|n| n <= self.cache.config.max_object)
         });
-        let Some((policy, lifetime)) = storable else {
+        let Some(lifetime) = storable else {
             drop(fill);
             parts
                 .headers
@@ -358,7 +358,6 @@ where
                 headers: parts.headers.clone(),
                 vary: policy::vary_values(&parts.headers, &client.headers),
                 tags: policy::tags(&parts.headers),
-                policy,
                 asked: Asked::of(&client),
                 lifetime,
             },
@@ -601,14 +600,13 @@ fn refresh(
     *head.status_mut() = stale.status;
     *head.headers_mut() = headers;
     let head = head.into_parts().0;
-    let (policy, lifetime) = policy::storable(client, &head, defaults, SystemTime::now())?;
+    let lifetime = policy::storable(client, &head, defaults, SystemTime::now())?;
     Some(Arc::new(Entry::new(
         stale.status,
         head.headers.clone(),
         stale.body.clone(),
         policy::vary_values(&head.headers, &client.headers),
         policy::tags(&head.headers),
-        policy,
         Asked::of(client),
         lifetime,
         SystemTime::now(),
@@ -662,7 +660,6 @@ struct Template {
     headers: HeaderMap,
     vary: Vec<(HeaderName, Option<HeaderValue>)>,
     tags: Vec<String>,
-    policy: http_cache_semantics::CachePolicy,
     asked: Asked,
     lifetime: Lifetime,
 }
@@ -691,7 +688,6 @@ impl Filling {
             body,
             t.vary,
             t.tags,
-            t.policy,
             t.asked,
             t.lifetime,
             SystemTime::now(),

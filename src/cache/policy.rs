@@ -46,22 +46,34 @@ pub struct Asked {
 }
 
 impl Asked {
+    /// Copied out of the request: its parts share the buffer it was read
+    /// into, which a stored entry would otherwise keep.
     pub fn of(req: &http::request::Parts) -> Self {
         Asked {
             method: req.method.clone(),
-            uri: req.uri.clone(),
-            host: req.headers.get(HOST).cloned(),
+            uri: req.uri.to_string().parse().unwrap_or_default(),
+            host: req.headers.get(HOST).map(owned_value),
         }
     }
 }
 
-/// The policy `storable` made, made again from what the Redis tier keeps: the
-/// request as `Asked`, its values of the fields the response varies on, the
+/// A value in memory of its own, not in a buffer it shares with a message.
+pub fn owned_value(v: &HeaderValue) -> HeaderValue {
+    let mut owned = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    owned.set_sensitive(v.is_sensitive());
+    owned
+}
+
+/// A stored response's policy, made from what its entry keeps: the request
+/// as `Asked`, its values of the fields the response varies on, the
 /// response's status and fields, its age when stored and when that was. It
-/// judges later requests as the first did: of the request's fields the policy
-/// reads only `Host`, those the response varies on, and (to decide whether it
-/// may be stored, which was decided) `Authorization`. The fields come back,
-/// with `Age` as it was when stored.
+/// judges later requests as one made from the whole request would: of the
+/// request's fields the policy reads only `Host`, those the response varies
+/// on, and (to decide whether it may be stored, which `storable` decided)
+/// `Authorization`. So an entry keeps no other field of the request (its
+/// cookies, its credentials), in memory or in Redis, and one read back from
+/// Redis is made as one stored here. The fields come back, with `Age` as it
+/// was when stored.
 pub fn rebuild(
     asked: &Asked,
     vary: &[(HeaderName, Option<HeaderValue>)],
@@ -145,13 +157,14 @@ fn options() -> CacheOptions {
     }
 }
 
-/// Whether, and for how long, the response to `req` may be stored.
+/// Whether, and for how long, the response to `req` may be stored. The
+/// stored entry's policy is made apart (`rebuild`), from what it keeps.
 pub fn storable(
     req: &http::request::Parts,
     resp: &http::response::Parts,
     defaults: &Defaults,
     now: SystemTime,
-) -> Option<(CachePolicy, Lifetime)> {
+) -> Option<Lifetime> {
     let policy = CachePolicy::new_options(req, resp, now, options());
     if !policy.is_storable() {
         return None;
@@ -180,19 +193,13 @@ pub fn storable(
         return None;
     }
     let seconds = |s: Option<u64>, default| s.map_or(default, Duration::from_secs);
-    Some((
-        policy,
-        Lifetime {
-            age,
-            fresh,
-            stale_while_revalidate: seconds(
-                d.stale_while_revalidate,
-                defaults.stale_while_revalidate,
-            ),
-            stale_if_error: seconds(d.stale_if_error, defaults.stale_if_error),
-            must_revalidate: d.must_revalidate,
-        },
-    ))
+    Some(Lifetime {
+        age,
+        fresh,
+        stale_while_revalidate: seconds(d.stale_while_revalidate, defaults.stale_while_revalidate),
+        stale_if_error: seconds(d.stale_if_error, defaults.stale_if_error),
+        must_revalidate: d.must_revalidate,
+    })
 }
 
 /// For a request with its own `Cache-Control` or `Pragma`: whether the stored
@@ -294,7 +301,7 @@ mod tests {
         defaults: Defaults,
     ) -> Option<Lifetime> {
         let (q, s) = parts(req, status, resp);
-        storable(&q, &s, &defaults, SystemTime::now()).map(|(_, l)| l)
+        storable(&q, &s, &defaults, SystemTime::now())
     }
 
     const NONE: Defaults = Defaults {
@@ -451,8 +458,16 @@ mod tests {
         assert_eq!(ask(&h("cache-control", "max-age=0")), Ask::Directives);
         assert_eq!(ask(&h("pragma", "no-cache")), Ask::Directives);
         let (q, s) = parts(&[], 200, &[("cache-control", "max-age=60")]);
-        let (policy, _) = storable(&q, &s, &NONE, SystemTime::now()).unwrap();
+        let lifetime = storable(&q, &s, &NONE, SystemTime::now()).unwrap();
         let now = SystemTime::now();
+        let (policy, _) = rebuild(
+            &Asked::of(&q),
+            &[],
+            s.status,
+            s.headers.clone(),
+            lifetime.age,
+            now,
+        );
         assert!(satisfies(&policy, &q, now));
         let (no_cache, _) = parts(&[("cache-control", "no-cache")], 200, &[]);
         assert!(!satisfies(&policy, &no_cache, now));
@@ -473,5 +488,74 @@ mod tests {
         assert_eq!(v.len(), 2);
         assert_eq!(v[0], (HeaderName::from_static("accept-encoding"), None));
         assert_eq!(v[1].1.as_ref().unwrap(), "fr");
+    }
+
+    #[test]
+    fn a_policy_made_from_what_an_entry_keeps_judges_as_one_made_from_the_whole_request() {
+        let (q, s) = parts(
+            &[
+                ("accept-language", "fr"),
+                ("cookie", "session=1"),
+                ("authorization", "Bearer t"),
+            ],
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("vary", "Accept-Language, Accept-Encoding"),
+                ("age", "20"),
+            ],
+        );
+        let now = SystemTime::now();
+        let whole = CachePolicy::new_options(&q, &s, now, options());
+        let lifetime = storable(&q, &s, &NONE, now).unwrap();
+        let vary = vary_values(&s.headers, &q.headers);
+        let (kept, _) = rebuild(
+            &Asked::of(&q),
+            &vary,
+            s.status,
+            s.headers.clone(),
+            lifetime.age,
+            now,
+        );
+        let later = now + Duration::from_secs(100);
+        assert_eq!(kept.age(later), whole.age(later));
+        assert_eq!(kept.time_to_live(later), whole.time_to_live(later));
+        let asks: [&[(&str, &str)]; 8] = [
+            &[("accept-language", "fr")],
+            &[("accept-language", "fr"), ("cookie", "other=2")],
+            &[("accept-language", "de")],
+            &[("accept-language", "fr"), ("accept-encoding", "gzip")],
+            &[("accept-language", "fr"), ("cache-control", "max-age=60")],
+            &[("accept-language", "fr"), ("cache-control", "max-age=200")],
+            &[
+                ("accept-language", "fr"),
+                ("cache-control", "min-fresh=500"),
+            ],
+            &[("accept-language", "fr"), ("pragma", "no-cache")],
+        ];
+        let judged: Vec<bool> = asks
+            .iter()
+            .map(|a| satisfies(&whole, &parts(a, 200, &[]).0, later))
+            .collect();
+        assert_eq!(
+            judged,
+            [true, true, false, false, false, true, false, false]
+        );
+        for (a, expected) in asks.iter().zip(judged) {
+            assert_eq!(
+                satisfies(&kept, &parts(a, 200, &[]).0, later),
+                expected,
+                "{a:?}"
+            );
+        }
+        let other_host = http::Request::get("http://elsewhere.test/p")
+            .header("host", "elsewhere.test")
+            .header("accept-language", "fr")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(!satisfies(&whole, &other_host, later));
+        assert!(!satisfies(&kept, &other_host, later));
     }
 }

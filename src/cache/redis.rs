@@ -468,8 +468,6 @@ pub fn decode(blob: &[u8]) -> Option<Entry> {
     };
     let vary = policy::vary_values(&headers, &request);
     let stored_at = UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms);
-    let age = Duration::from_millis(meta.age_ms);
-    let (policy, headers) = policy::rebuild(&asked, &vary, status, headers, age, stored_at);
     let in_redis = SystemTime::now()
         .duration_since(stored_at)
         .unwrap_or_default();
@@ -480,10 +478,9 @@ pub fn decode(blob: &[u8]) -> Option<Entry> {
         Bytes::copy_from_slice(body),
         vary,
         meta.tags,
-        policy,
         asked,
         Lifetime {
-            age: age + in_redis,
+            age: Duration::from_millis(meta.age_ms) + in_redis,
             fresh: Duration::from_millis(meta.fresh_ms),
             stale_while_revalidate: Duration::from_millis(meta.stale_while_revalidate_ms),
             stale_if_error: Duration::from_millis(meta.stale_if_error_ms),
@@ -511,15 +508,13 @@ mod tests {
         }
         let head = s.body(()).unwrap().into_parts().0;
         let now = SystemTime::now();
-        let (policy, lifetime) =
-            policy::storable(&client, &head, &Defaults::default(), now).unwrap();
+        let lifetime = policy::storable(&client, &head, &Defaults::default(), now).unwrap();
         Entry::new(
             head.status,
             head.headers.clone(),
             Bytes::from_static(b"the body"),
             policy::vary_values(&head.headers, &client.headers),
             policy::tags(&head.headers),
-            policy,
             Asked::of(&client),
             lifetime,
             now,
