@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::policy::{self, Asked, Lifetime};
-use super::store::{Entry, CACHE_STATUS};
+use super::store::{put_field, Entry, CACHE_STATUS};
 use super::{Cache, Purge, Source};
 use crate::config::CacheRedisConfig;
 
@@ -374,13 +374,6 @@ fn millis(d: Duration) -> u64 {
 fn put_part(out: &mut Vec<u8>, part: &[u8]) {
     out.extend_from_slice(&(part.len() as u32).to_be_bytes());
     out.extend_from_slice(part);
-}
-
-fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 pub fn encode(e: &Entry) -> Vec<u8> {

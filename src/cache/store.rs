@@ -61,6 +61,14 @@ pub struct Entry {
     pub encoded: EncodedFields,
 }
 
+/// A field as HTTP/1 writes it: `name: value` and the line's end.
+pub fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 fn encode(headers: &HeaderMap) -> EncodedFields {
     // Sized once: a few more fields than fit would make it grow twice.
     let size = headers
@@ -80,10 +88,7 @@ fn encode(headers: &HeaderMap) -> EncodedFields {
         {
             continue;
         }
-        lines.extend_from_slice(name.as_str().as_bytes());
-        lines.extend_from_slice(b": ");
-        lines.extend_from_slice(value.as_bytes());
-        lines.extend_from_slice(b"\r\n");
+        put_field(&mut lines, name, value);
     }
     EncodedFields {
         lines: [Bytes::new(), Bytes::from(lines)],
