@@ -746,7 +746,8 @@ pub fn download(addr: SocketAddr, bytes: u64) -> u64 {
 /// others keep theirs.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    sent: Arc<AtomicUsize>,
+    /// Requests each client has started.
+    sent: Arc<Vec<AtomicUsize>>,
     failed: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -754,14 +755,20 @@ pub struct Load {
 impl Load {
     pub fn start(addr: SocketAddr, keep_alive: usize, fresh: usize) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let threads = (0..keep_alive + fresh)
+        let clients = keep_alive + fresh;
+        let sent = Arc::new(
+            (0..clients)
+                .map(|_| AtomicUsize::new(0))
+                .collect::<Vec<_>>(),
+        );
+        let failed = Arc::new(AtomicUsize::new(0));
+        let threads = (0..clients)
             .map(|i| {
                 let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
                 std::thread::spawn(move || {
                     let mut keep = KeepAlive::new(addr);
                     while !stop.load(Ordering::Relaxed) {
-                        sent.fetch_add(1, Ordering::Relaxed);
+                        sent[i].fetch_add(1, Ordering::SeqCst);
                         let status = if i < keep_alive {
                             keep.get("/").map_or(0, |(status, _)| status)
                         } else {
@@ -784,7 +791,19 @@ impl Load {
     }
 
     pub fn sent(&self) -> usize {
-        self.sent.load(Ordering::Relaxed)
+        self.sent.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+    }
+
+    /// Waits until every client has started a request after this call, so
+    /// each request in flight at the call has had its answer.
+    pub fn wait_for_in_flight(&self, what: &str) {
+        let marks: Vec<usize> = self.sent.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+        wait_until(Duration::from_secs(20), what, || {
+            self.sent
+                .iter()
+                .zip(&marks)
+                .all(|(n, &mark)| n.load(Ordering::SeqCst) > mark)
+        });
     }
 
     /// Waits until `n` more requests have been sent.
@@ -800,6 +819,13 @@ impl Load {
             t.join().unwrap();
         }
         (self.sent(), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Load {
+    /// A test that fails midway leaves no clients running against a stopped balancer.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
