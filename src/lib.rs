@@ -49,6 +49,8 @@ pub mod preview;
 #[forbid(unsafe_code)]
 pub mod proxy;
 #[forbid(unsafe_code)]
+pub mod proxy_protocol;
+#[forbid(unsafe_code)]
 pub mod queue;
 #[forbid(unsafe_code)]
 pub mod router;

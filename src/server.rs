@@ -31,8 +31,9 @@ use crate::health::HealthChecks;
 use crate::http1::{self, serve::ClientStream};
 use crate::membership::Membership;
 use crate::proxy::{self, ConnContext};
+use crate::proxy_protocol;
 use crate::stack::Layers;
-use crate::state::{Snapshot, State};
+use crate::state::{ListenerRoutes, Snapshot, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -493,10 +494,41 @@ impl Worker {
     /// the future of the kind of connection it is: an idle connection's memory is
     /// mostly this future, and one async fn over every kind would be as large as
     /// all of them together.
-    fn serve(self: Arc<Self>, stream: TcpStream, at: Accepted) -> Option<ConnectionTask> {
+    fn serve(self: Arc<Self>, mut stream: TcpStream, at: Accepted) -> Option<ConnectionTask> {
         let snapshot = self.state.load();
         // None: the listener was removed by a reload after this connection was accepted.
         let routes = snapshot.listener(at.key)?;
+        if !routes.config.proxy_protocol {
+            return self.serve_stream(stream, at, routes);
+        }
+        // The header is read in the connection's task, within the time a
+        // request head has; the client it names is the connection's peer.
+        let timeout = routes.config.header_read_timeout;
+        Some(Box::pin(async move {
+            let mut at = at;
+            match proxy_protocol::read(&mut stream, timeout).await {
+                Ok(client) => at.peer = client.unwrap_or(at.peer),
+                Err(e) => return tracing::debug!(peer = %at.peer, "connection closed: {e}"),
+            }
+            // Read again: a reload may have come while the header did.
+            let task = {
+                let snapshot = self.state.load();
+                let routes = snapshot.listener(at.key);
+                routes.and_then(|routes| self.clone().serve_stream(stream, at, routes))
+            };
+            if let Some(task) = task {
+                task.await
+            }
+        }))
+    }
+
+    /// As `serve`, past any PROXY protocol header.
+    fn serve_stream(
+        self: Arc<Self>,
+        stream: TcpStream,
+        at: Accepted,
+        routes: &ListenerRoutes,
+    ) -> Option<ConnectionTask> {
         let limits = Limits::of(&routes.config);
         match (&routes.config.tls, &routes.tls) {
             (None, _) => Some(Box::pin(self.serve_http1(stream, false, at, limits))),

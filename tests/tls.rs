@@ -525,3 +525,30 @@ async fn idle_tls_keep_alive_connections_hold_no_buffers() {
         assert_eq!(got.windows(12).filter(|w| w == b"HTTP/1.1 200").count(), 2);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_comes_before_the_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBackend::start("a");
+    let (_certs, yaml) = tls_config(&b);
+    let yaml = yaml.replace("    tls:\n", "    proxy_protocol: true\n    tls:\n");
+    let lb = start(&yaml).await;
+    let mut tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 443\r\n")
+        .await
+        .unwrap();
+    let name = ServerName::try_from("api.example.test").unwrap();
+    let mut tls = client(&[]).connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tls.read_to_end(&mut reply).await.unwrap();
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
+    assert_eq!(b.requests()[0].headers["x-forwarded-for"], "192.0.2.7");
+    // Without the header, the handshake gets nowhere.
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let name = ServerName::try_from("api.example.test").unwrap();
+    assert!(client(&[]).connect(name, tcp).await.is_err());
+    stop(lb).await;
+}

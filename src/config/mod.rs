@@ -312,6 +312,9 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     /// Answer every request with a 301 to the same URL over https (port 443). Default false.
     pub redirect_https: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) whose
+    /// client address stands for the peer's. Default false.
+    pub proxy_protocol: bool,
     /// Client connections open at once, shared by the workers; past it, new
     /// connections wait in the kernel's backlog. Default none.
     pub max_connections: Option<usize>,

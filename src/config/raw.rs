@@ -168,6 +168,10 @@ pub struct Listener {
     /// Answer every request with a 301 to https://HOST/PATH (no routes needed).
     #[schemars(with = "Option<bool>")]
     pub redirect_https: Option<Text>,
+    /// Expect a PROXY protocol header (v1 or v2) on every connection; its client
+    /// address is the one used. Connections without one are closed. Default false.
+    #[schemars(with = "Option<bool>")]
+    pub proxy_protocol: Option<Text>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -1201,6 +1201,13 @@ impl Validator<'_> {
             false,
             Self::boolean,
         );
+        let proxy_protocol = self.optional(
+            &l.proxy_protocol,
+            path,
+            "proxy_protocol",
+            false,
+            Self::boolean,
+        );
         // A listener that only redirects to https needs no routes.
         let routes = match (redirect_https, &l.routes) {
             (_, Some(routes)) => self.routes(routes, &join(path, "routes"), upstreams),
@@ -1262,6 +1269,7 @@ impl Validator<'_> {
             max_header_bytes: max_header_bytes?,
             tls: tls?,
             redirect_https: redirect_https?,
+            proxy_protocol: proxy_protocol?,
             max_connections: max_connections?,
         })
     }

@@ -1,0 +1,166 @@
+//! A listener behind an L4 load balancer: the PROXY protocol header (v1 and
+//! v2) through the real server, its client address in `X-Forwarded-For`, the
+//! access log and client_ip hashing, and connections without one closed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+/// `simple_config` with a PROXY protocol listener, logging to `log` as JSON.
+fn config(backends: &[&TestBackend], log: &std::path::Path) -> String {
+    simple_config(backends).replace("    routes:", "    proxy_protocol: true\n    routes:")
+        + &format!("access_log: {}\naccess_log_format: json\n", log.display())
+}
+
+/// Sends `header`, then a request, in the given pieces; the reply, or what
+/// came back (nothing when the connection was closed).
+fn exchange(addr: std::net::SocketAddr, pieces: &[&[u8]]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for piece in pieces {
+        // A closed connection may refuse a later piece: what came back tells.
+        if s.write_all(piece).is_err() {
+            break;
+        }
+        s.flush().unwrap();
+        std::thread::yield_now();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+const REQUEST: &[u8] = b"GET /pp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x20 | command);
+    h.push(family);
+    h.extend_from_slice(&(addresses.len() as u16).to_be_bytes());
+    h.extend_from_slice(addresses);
+    h
+}
+
+#[test]
+fn the_client_a_proxy_protocol_header_states_is_the_one_forwarded_and_logged() {
+    let a = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let lb = Balancer::start(&config(&[&a], &log));
+    let forwarded = |i: usize| a.requests()[i].headers["x-forwarded-for"].clone();
+
+    // Version 1, header and request in one write.
+    let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80\r\n";
+    let reply = parse_reply(&exchange(lb.addr, &[&[v1.as_slice(), REQUEST].concat()]));
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded(0), "192.0.2.7");
+
+    // Version 1 over IPv6, in pieces that split the header: read to its end, no further.
+    let v1 = b"PROXY TCP6 2001:db8::7 ::1 51000 80\r\n";
+    let reply = parse_reply(&exchange(
+        lb.addr,
+        &[&v1[..9], &v1[9..20], &v1[20..], REQUEST],
+    ));
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded(1), "2001:db8::7");
+
+    // Version 2 with a TLV after the addresses (an authority, as AWS's NLB sends).
+    let mut addresses = vec![198, 51, 100, 9, 127, 0, 0, 1, 0xc7, 0x38, 0, 80];
+    addresses.extend_from_slice(&[0x02, 0, 9]);
+    addresses.extend_from_slice(b"x.example");
+    let header = v2(1, 0x11, &addresses);
+    let reply = parse_reply(&exchange(
+        lb.addr,
+        &[&header[..14], &[&header[14..], REQUEST].concat()],
+    ));
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded(2), "198.51.100.9");
+
+    // Version 2's LOCAL (a sender's health check) and v1's UNKNOWN: the connection's own peer.
+    let reply = parse_reply(&exchange(
+        lb.addr,
+        &[&[v2(0, 0, &[]).as_slice(), REQUEST].concat()],
+    ));
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded(3), "127.0.0.1");
+    let reply = parse_reply(&exchange(lb.addr, &[b"PROXY UNKNOWN\r\n", REQUEST]));
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded(4), "127.0.0.1");
+
+    // The access log names the stated client.
+    wait_until(Duration::from_secs(10), "five log lines", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.lines().count() == 5)
+    });
+    let clients: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["client"].to_string())
+        .collect();
+    assert_eq!(
+        clients,
+        [
+            "\"192.0.2.7\"",
+            "\"2001:db8::7\"",
+            "\"198.51.100.9\"",
+            "\"127.0.0.1\"",
+            "\"127.0.0.1\""
+        ]
+    );
+}
+
+#[test]
+fn a_connection_without_a_valid_header_is_closed_and_reaches_no_backend() {
+    let a = TestBackend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Balancer::start(&config(&[&a], &dir.path().join("access.log")));
+    let refused: [&[u8]; 5] = [
+        REQUEST,
+        b"PROXY TCP4 192.0.2.300 127.0.0.1 51000 80\r\n",
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80 and on and on and on and on and on and on and on and on and on and on\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff",
+        b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x0c",
+    ];
+    for bytes in refused {
+        let back = exchange(lb.addr, &[bytes, REQUEST]);
+        assert!(
+            back.is_empty(),
+            "{:?} got {:?}",
+            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(&back)
+        );
+    }
+    assert!(a.requests().is_empty());
+    // The listener serves on.
+    let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80\r\n";
+    let reply = parse_reply(&exchange(lb.addr, &[v1, REQUEST]));
+    assert_eq!(reply.status, 200);
+    assert_eq!(a.requests().len(), 1);
+}
+
+#[test]
+fn client_ip_hashing_uses_the_stated_client() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config(&[&a, &b], &dir.path().join("access.log")).replace(
+        "  app:\n    backends:",
+        "  app:\n    balance: consistent_hash\n    hash_key: client_ip\n    backends:",
+    );
+    let lb = Balancer::start(&yaml);
+    // Every connection comes from 127.0.0.1; the clients they state spread.
+    for i in 0..40 {
+        let v1 = format!(
+            "PROXY TCP4 10.0.{}.{} 127.0.0.1 51000 80\r\n",
+            i / 7,
+            i % 250
+        );
+        let reply = parse_reply(&exchange(lb.addr, &[v1.as_bytes(), REQUEST]));
+        assert_eq!(reply.status, 200);
+    }
+    let (na, nb) = (a.requests().len(), b.requests().len());
+    assert_eq!(na + nb, 40);
+    assert!(na > 0 && nb > 0, "a {na}, b {nb}");
+}
