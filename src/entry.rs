@@ -81,7 +81,7 @@ impl Entry {
         let log = cx.access_log.as_ref().map(|l| {
             (
                 l.clone(),
-                Box::new(RequestLine::capture(&req, cx.peer.ip())),
+                Box::new(RequestLine::capture(&req, cx.client(req.headers()))),
             )
         });
         let mut ex = Exchange::new(cx.activity.begin(), log);

@@ -467,6 +467,7 @@ impl Worker {
                         key,
                         tunnels: connections.clone(),
                         stop: stop.clone(),
+                        trusted_proxies: None,
                     };
                     match (self.clone().serve(stream, at), place) {
                         (Some(task), None) => {
@@ -526,9 +527,13 @@ impl Worker {
     fn serve_stream(
         self: Arc<Self>,
         stream: TcpStream,
-        at: Accepted,
+        mut at: Accepted,
         routes: &ListenerRoutes,
     ) -> Option<ConnectionTask> {
+        let trusted = &routes.config.trusted_proxies;
+        if trusted.iter().any(|net| net.contains(&at.peer.ip())) {
+            at.trusted_proxies = Some(trusted.clone());
+        }
         let limits = Limits::of(&routes.config);
         match (&routes.config.tls, &routes.tls) {
             (None, _) => Some(Box::pin(self.serve_http1(stream, false, at, limits))),
@@ -650,6 +655,7 @@ impl Worker {
             activity,
             tunnels: at.tunnels.clone(),
             access_log: self.access_log.clone(),
+            trusted_proxies: at.trusted_proxies.clone(),
         });
         Entry::new(self.state.clone(), cx)
     }
@@ -695,6 +701,8 @@ struct Accepted {
     tunnels: TaskTracker,
     /// Cancelled when the listener is removed or the server shuts down.
     stop: CancellationToken,
+    /// The listener's `trusted_proxies`, when the peer is one of them.
+    trusted_proxies: Option<Arc<[ipnet::IpNet]>>,
 }
 
 /// What a listener's configuration says about each of its connections.

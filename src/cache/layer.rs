@@ -397,6 +397,7 @@ where
             activity: Arc::new(Activity::default()),
             tunnels: c.tunnels.clone(),
             access_log: None,
+            trusted_proxies: c.trusted_proxies.clone(),
         });
         let exchange = Exchange::new(conn.activity.begin(), None);
         let this = self.clone();

@@ -315,6 +315,9 @@ pub struct ListenerConfig {
     /// Every connection starts with a PROXY protocol header (v1 or v2) whose
     /// client address stands for the peer's. Default false.
     pub proxy_protocol: bool,
+    /// Peers whose X-Forwarded-For names the client: the rightmost address in
+    /// it not among them (NGINX's `set_real_ip_from` with `real_ip_recursive`).
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Client connections open at once, shared by the workers; past it, new
     /// connections wait in the kernel's backlog. Default none.
     pub max_connections: Option<usize>,

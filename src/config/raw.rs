@@ -172,6 +172,10 @@ pub struct Listener {
     /// address is the one used. Connections without one are closed. Default false.
     #[schemars(with = "Option<bool>")]
     pub proxy_protocol: Option<Text>,
+    /// Peers (addresses or CIDR ranges) whose X-Forwarded-For is believed: the
+    /// client is the rightmost address in it not among them.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub trusted_proxies: Option<At<Vec<Text>>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

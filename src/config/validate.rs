@@ -1208,6 +1208,16 @@ impl Validator<'_> {
             false,
             Self::boolean,
         );
+        let trusted_proxies = match &l.trusted_proxies {
+            Some(list) => self.each(&list.value, &join(path, "trusted_proxies"), |d, t, p| {
+                d.parsed(t, p, "an IP address or CIDR range", |s| {
+                    s.parse::<ipnet::IpNet>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| " (such as 10.0.0.0/8 or 192.0.2.7)".into())
+                })
+            }),
+            None => Some(Vec::new()),
+        };
         // A listener that only redirects to https needs no routes.
         let routes = match (redirect_https, &l.routes) {
             (_, Some(routes)) => self.routes(routes, &join(path, "routes"), upstreams),
@@ -1270,6 +1280,7 @@ impl Validator<'_> {
             tls: tls?,
             redirect_https: redirect_https?,
             proxy_protocol: proxy_protocol?,
+            trusted_proxies: trusted_proxies?.into(),
             max_connections: max_connections?,
         })
     }

@@ -1,6 +1,8 @@
 //! Every header rewrite the proxy makes, in one place.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
@@ -116,6 +118,37 @@ pub fn client_ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header value")
 }
 
+/// The client that a trusted proxy's `X-Forwarded-For` names: walking the
+/// list from its right end (the hop nearest bascule), the first address not
+/// among `trusted`, or the leftmost if all are (NGINX's `real_ip_recursive
+/// on`). An entry that is not an address ends the walk: what lies left of it
+/// was written by no one bascule trusts. `None` when the list is missing or
+/// its last entry is not an address.
+pub fn forwarded_client(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let lists: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    let mut client = None;
+    for list in lists.into_iter().rev() {
+        let Ok(list) = list.to_str() else {
+            return client;
+        };
+        for entry in list.rsplit(',') {
+            let entry = entry.trim();
+            let Some(ip) = entry
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            else {
+                return client;
+            };
+            client = Some(ip);
+            if !trusted.iter().any(|net| net.contains(&ip)) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
 /// How many fields `add_forwarded` may add, for maps built with room for them.
 pub const ADDED_FIELDS: usize = 3;
 
@@ -155,6 +188,45 @@ pub fn add_forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trusted_proxys_list_names_the_rightmost_untrusted_address() {
+        let trusted: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let client = |pairs: &[(&str, &str)]| forwarded_client(&map(pairs), &trusted);
+        let xff = "x-forwarded-for";
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(client(&[]), None);
+        assert_eq!(client(&[(xff, "203.0.113.9")]), ip("203.0.113.9"));
+        // A client's own claim left of the first untrusted hop is not believed.
+        assert_eq!(
+            client(&[(xff, "198.51.100.1, 203.0.113.9, 10.1.2.3")]),
+            ip("203.0.113.9")
+        );
+        // Over several field lines, the last is nearest.
+        assert_eq!(
+            client(&[
+                (xff, "198.51.100.1, 203.0.113.9"),
+                (xff, "10.1.2.3 , 10.9.9.9")
+            ]),
+            ip("203.0.113.9")
+        );
+        // All trusted: the leftmost. Ports and IPv6 read as addresses.
+        assert_eq!(client(&[(xff, "10.0.0.1, 10.0.0.2")]), ip("10.0.0.1"));
+        assert_eq!(
+            client(&[(xff, "[2001:db9::1]:4711, 2001:db8::2")]),
+            ip("2001:db9::1")
+        );
+        assert_eq!(client(&[(xff, "203.0.113.9:4711")]), ip("203.0.113.9"));
+        // What is not an address ends the walk.
+        assert_eq!(client(&[(xff, "unknown")]), None);
+        assert_eq!(
+            client(&[(xff, "203.0.113.9, junk, 10.1.2.3")]),
+            ip("10.1.2.3")
+        );
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -48,6 +48,20 @@ pub struct ConnContext {
     /// Upgraded connections (WebSocket) run here so that shutdown can wait for them.
     pub tunnels: TaskTracker,
     pub access_log: Option<AccessLogger>,
+    /// The listener's `trusted_proxies`, when the peer is one of them.
+    pub trusted_proxies: Option<Arc<[ipnet::IpNet]>>,
+}
+
+impl ConnContext {
+    /// The client's address: the peer's, or the one a trusted proxy forwarded.
+    #[inline]
+    pub fn client(&self, headers: &http::HeaderMap) -> std::net::IpAddr {
+        let peer = self.peer.ip();
+        match &self.trusted_proxies {
+            None => peer,
+            Some(trusted) => headers::forwarded_client(headers, trusted).unwrap_or(peer),
+        }
+    }
 }
 
 /// A routed request on its way through its route's layers to the proxy: the
@@ -213,7 +227,7 @@ fn forward<'a>(
     async move {
         let key = match upstream.config.balance {
             Balance::ConsistentHash => {
-                hash_key::key_hash(&upstream.config.hash_key, &req, cx.peer.ip())
+                hash_key::key_hash(&upstream.config.hash_key, &req, cx.client(req.headers()))
             }
             _ => None,
         };

@@ -1,6 +1,8 @@
-//! A listener behind an L4 load balancer: the PROXY protocol header (v1 and
-//! v2) through the real server, its client address in `X-Forwarded-For`, the
-//! access log and client_ip hashing, and connections without one closed.
+//! Who the client is, through the real server: behind an L4 load balancer,
+//! the PROXY protocol header (v1 and v2), its client address in
+//! `X-Forwarded-For`, the access log and client_ip hashing, and connections
+//! without one closed; behind an L7 proxy, the `X-Forwarded-For` of
+//! `trusted_proxies` believed and everyone else's not.
 
 mod common;
 
@@ -163,4 +165,72 @@ fn client_ip_hashing_uses_the_stated_client() {
     let (na, nb) = (a.requests().len(), b.requests().len());
     assert_eq!(na + nb, 40);
     assert!(na > 0 && nb > 0, "a {na}, b {nb}");
+}
+
+/// The `client` of each line of a JSON access log, once it has `n` lines.
+fn logged_clients(log: &std::path::Path, n: usize) -> Vec<String> {
+    wait_until(Duration::from_secs(10), "the access log's lines", || {
+        std::fs::read_to_string(log).is_ok_and(|s| s.lines().count() == n)
+    });
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["client"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_trusted_proxys_forwarded_for_names_the_client_and_no_one_elses_does() {
+    let (a, b) = (TestBackend::start("a"), TestBackend::start("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    // Two listeners: one trusting 127.0.0.0/8 (these tests' own address) and 10.0.0.0/8, one
+    // not. Their binds differ: a listener is known by its configured bind.
+    let yaml = (simple_config(&[&a, &b]) + &format!("access_log: {}\naccess_log_format: json\n", log.display()))
+        .replace(
+            "listeners:\n",
+            &format!("listeners:\n  - bind: 127.0.0.1:{}\n    trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\n    routes:\n      - upstream: app\n", free_port()),
+        )
+        .replace(
+            "  app:\n    backends:",
+            "  app:\n    balance: consistent_hash\n    hash_key: client_ip\n    backends:",
+        );
+    let lb = Balancer::start(&yaml);
+    let bound = lb.server().listener_addrs();
+    let (trusting, plain) = (bound[0], bound[1]);
+    let forwarded = |addr, path: &str, list: &str| {
+        let reply = http1(addr, "GET", path, &[&format!("X-Forwarded-For: {list}")]);
+        assert_eq!(reply.status, 200);
+    };
+
+    forwarded(trusting, "/", "198.51.100.1, 203.0.113.9, 10.1.2.3");
+    forwarded(plain, "/", "198.51.100.1, 203.0.113.9, 10.1.2.3");
+    assert_eq!(logged_clients(&log, 2), ["203.0.113.9", "127.0.0.1"]);
+    // The list goes on to the backend with the peer appended, as from any client.
+    let seen: Vec<_> = a.requests().into_iter().chain(b.requests()).collect();
+    assert_eq!(seen.len(), 2);
+    for r in &seen {
+        assert_eq!(
+            r.headers["x-forwarded-for"],
+            "198.51.100.1, 203.0.113.9, 10.1.2.3, 127.0.0.1"
+        );
+    }
+
+    // client_ip hashing follows the forwarded client through the trusting listener only.
+    for i in 0..40 {
+        forwarded(trusting, "/trusting", &format!("203.0.{i}.{i}"));
+        forwarded(plain, "/plain", &format!("203.0.{i}.{i}"));
+    }
+    let on = |backend: &TestBackend, path: &str| {
+        backend.requests().iter().filter(|r| r.path == path).count()
+    };
+    let trusting = (on(&a, "/trusting"), on(&b, "/trusting"));
+    let plain = (on(&a, "/plain"), on(&b, "/plain"));
+    assert!(trusting.0 > 0 && trusting.1 > 0, "trusting {trusting:?}");
+    assert!(plain == (40, 0) || plain == (0, 40), "plain {plain:?}");
 }
