@@ -495,18 +495,27 @@ impl Worker {
     /// the future of the kind of connection it is: an idle connection's memory is
     /// mostly this future, and one async fn over every kind would be as large as
     /// all of them together.
-    fn serve(self: Arc<Self>, mut stream: TcpStream, at: Accepted) -> Option<ConnectionTask> {
+    fn serve(self: Arc<Self>, stream: TcpStream, at: Accepted) -> Option<ConnectionTask> {
         let snapshot = self.state.load();
         // None: the listener was removed by a reload after this connection was accepted.
         let routes = snapshot.listener(at.key)?;
-        if !routes.config.proxy_protocol {
-            return self.serve_stream(stream, at, routes);
+        if routes.config.proxy_protocol {
+            return Some(self.serve_proxied(stream, at, routes.config.header_read_timeout));
         }
-        // The header is read in the connection's task, within the time a
-        // request head has; the client it names is the connection's peer.
-        let timeout = routes.config.header_read_timeout;
-        Some(Box::pin(async move {
-            let mut at = at;
+        self.serve_stream(stream, at, routes)
+    }
+
+    /// A connection that starts with a PROXY protocol header: the header is
+    /// read in the connection's task, within the time a request head has, and
+    /// the client it names is the connection's peer.
+    #[inline(never)]
+    fn serve_proxied(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        mut at: Accepted,
+        timeout: Duration,
+    ) -> ConnectionTask {
+        Box::pin(async move {
             match proxy_protocol::read(&mut stream, timeout).await {
                 Ok(client) => at.peer = client.unwrap_or(at.peer),
                 Err(e) => return tracing::debug!(peer = %at.peer, "connection closed: {e}"),
@@ -520,7 +529,7 @@ impl Worker {
             if let Some(task) = task {
                 task.await
             }
-        }))
+        })
     }
 
     /// As `serve`, past any PROXY protocol header.
