@@ -37,6 +37,8 @@ pub mod health;
 #[forbid(unsafe_code)]
 pub mod http1;
 #[forbid(unsafe_code)]
+pub mod inherited;
+#[forbid(unsafe_code)]
 pub mod listener_limit;
 #[forbid(unsafe_code)]
 pub mod membership;

@@ -103,6 +103,8 @@ fn run(path: &Path) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // Before any thread starts: it takes variables out of the environment.
+    let inherited = bascule::inherited::Inherited::from_env();
     let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -141,7 +143,10 @@ fn run(path: &Path) -> ExitCode {
         path.display(),
         config.worker_count()
     );
-    let server = match Server::start(config) {
+    for addr in inherited.addresses() {
+        tracing::info!("socket activation: a socket inherited at {addr}");
+    }
+    let server = match Server::start_inheriting(config, Default::default(), inherited) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("bascule: {e}");

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::entry::Entry;
 use crate::health::HealthChecks;
 use crate::http1::{self, serve::ClientStream};
+use crate::inherited::Inherited;
 use crate::membership::Membership;
 use crate::proxy::{self, ConnContext};
 use crate::proxy_protocol;
@@ -63,6 +64,8 @@ pub struct Server {
     admin_tx: tokio::sync::mpsc::UnboundedSender<Option<std::net::TcpListener>>,
     bound: std::sync::Mutex<Bindings>,
     access_log: Option<AccessLogger>,
+    /// Sockets from socket activation, for listeners at their addresses.
+    inherited: Inherited,
 }
 
 /// What is bound now: (configured bind, real address) per listener, and the admin address.
@@ -86,9 +89,20 @@ enum WorkerCommand {
     Close(SocketAddr),
 }
 
-/// Binds one `SO_REUSEPORT` socket per worker for `bind`; also returns the real
-/// address, which differs when the port was 0.
-fn bind_for_workers(bind: SocketAddr, workers: usize) -> io::Result<(Vec<Bound>, SocketAddr)> {
+/// Binds one `SO_REUSEPORT` socket per worker for `bind`, or shares one
+/// inherited at that address; also returns the real address, which differs
+/// when the port was 0.
+fn bind_for_workers(
+    bind: SocketAddr,
+    workers: usize,
+    inherited: &Inherited,
+) -> io::Result<(Vec<Bound>, SocketAddr)> {
+    if let Some(sockets) = inherited.sockets_for(bind, workers) {
+        let sockets = sockets?
+            .into_iter()
+            .map(|socket| Bound { key: bind, socket });
+        return Ok((sockets.collect(), bind));
+    }
     let mut addr = bind;
     let mut sockets = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -109,6 +123,16 @@ impl Server {
 
     /// As `start`, with `layers` added to routes (`stack.rs`), now and on every reload.
     pub fn start_with(config: Config, layers: Layers) -> Result<Server, StartError> {
+        Server::start_inheriting(config, layers, Inherited::default())
+    }
+
+    /// As `start_with`, using `inherited` sockets (socket activation) for the
+    /// listeners bound at their addresses, now and on every reload.
+    pub fn start_inheriting(
+        config: Config,
+        layers: Layers,
+        inherited: Inherited,
+    ) -> Result<Server, StartError> {
         let workers = config.worker_count();
         let access_log = AccessLogger::start(&config.access_log, config.access_log_format)
             .map_err(|source| StartError::AccessLog {
@@ -123,10 +147,12 @@ impl Server {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (sockets, addr) =
-                bind_for_workers(l.bind, workers).map_err(|source| StartError::Bind {
-                    name: l.name.clone(),
-                    addr: l.bind,
-                    source,
+                bind_for_workers(l.bind, workers, &inherited).map_err(|source| {
+                    StartError::Bind {
+                        name: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    }
                 })?;
             for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                 worker.push(socket);
@@ -202,6 +228,7 @@ impl Server {
                 admin: admin_addr,
             }),
             access_log,
+            inherited,
         })
     }
 
@@ -783,7 +810,7 @@ impl Server {
             if bound.listeners.iter().any(|(key, _)| *key == l.bind) {
                 continue;
             }
-            let (sockets, addr) = bind_for_workers(l.bind, self.commands.len())
+            let (sockets, addr) = bind_for_workers(l.bind, self.commands.len(), &self.inherited)
                 .map_err(|e| ReloadError::Bind(l.bind, e))?;
             added.push((l.name.clone(), l.bind, sockets, addr));
         }

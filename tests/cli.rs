@@ -589,3 +589,51 @@ fn a_reload_applies_a_new_access_log_and_says_what_needs_a_restart() {
         .contains("GET /after"));
     assert_eq!(lines(&first), 1);
 }
+
+#[test]
+fn an_inherited_socket_is_used_and_what_waited_in_its_backlog_is_served() {
+    use std::os::fd::AsRawFd;
+    let a = TestBackend::start("a");
+    // The socket a service manager would hold: bound and listening before bascule runs.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::empty()).unwrap();
+    // A client that came before bascule: it waits in the socket's backlog.
+    let mut early = TcpStream::connect(addr).unwrap();
+    early
+        .write_all(b"GET /early HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // bascule could not bind this address itself: the test's socket has no SO_REUSEPORT.
+    let yaml = simple_config(&[&a]).replacen("127.0.0.1:0", &addr.to_string(), 1);
+    let fd = socket.as_raw_fd();
+    let p = Process::start_command(&yaml, |config| {
+        // As systemd hands it over: descriptor 3, LISTEN_FDS and the process's own LISTEN_PID.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --config \"$1\""
+            ))
+            .arg(bin())
+            .arg(config);
+        command
+    });
+    drop(socket);
+    assert_eq!(p.addrs, [addr]);
+    assert!(p
+        .log
+        .lock()
+        .unwrap()
+        .contains(&format!("socket activation: a socket inherited at {addr}")));
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    early.read_to_end(&mut reply).unwrap();
+    assert_eq!(parse_reply(&reply).status, 200);
+    assert_eq!(a.requests()[0].path, "/early");
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").status, 200);
+    }
+    assert_eq!(a.requests().len(), 5);
+}

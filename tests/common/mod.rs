@@ -576,13 +576,23 @@ pub struct Process {
 impl Process {
     /// Starts the binary and waits until it logs its bound addresses.
     pub fn start(yaml: &str) -> Process {
+        Process::start_command(yaml, |config| {
+            let mut command = std::process::Command::new(bin());
+            command.arg("--config").arg(config);
+            command
+        })
+    }
+
+    /// As `start`, running the command `command` makes for the config file's path.
+    pub fn start_command(
+        yaml: &str,
+        command: impl FnOnce(&std::path::Path) -> std::process::Command,
+    ) -> Process {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("bascule.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let mut child = std::process::Command::new(bin())
-            .arg("--config")
-            .arg(&config)
+        let mut child = command(&config)
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
