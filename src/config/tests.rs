@@ -259,3 +259,13 @@ fn values_of_the_wrong_shape_are_reported_at_their_place() {
         vec!["7:19: upstreams.app.health_check: expected a map"]
     );
 }
+
+#[test]
+fn two_listeners_at_port_zero_are_refused() {
+    // A listener is known by its bind: two at port 0 would share one's routes.
+    let text = "listeners:\n  - bind: 127.0.0.1:0\n    routes: [{upstream: a}]\n  - bind: 127.0.0.1:0\n    routes: [{upstream: a}]\nupstreams:\n  a:\n    backends: [127.0.0.1:1]\n";
+    assert_eq!(
+        problems(text),
+        ["4:5: listeners[1].bind: 127.0.0.1:0 is also an earlier listener's bind: give each its own port, as a listener is known by its bind"]
+    );
+}

@@ -1166,12 +1166,15 @@ impl Validator<'_> {
         for (i, item) in list.value.iter().enumerate() {
             let path = format!("{path}[{i}]");
             match self.listener(item, &path, upstreams) {
-                Some(l) if l.bind.port() != 0 && out.iter().any(|o| o.bind == l.bind) => {
-                    self.problem(
-                        Some(item.pos),
-                        &format!("{path}.bind"),
-                        format!("{} is bound by an earlier listener", l.bind),
-                    );
+                // A listener is known by its bind, across reloads too: two at
+                // port 0 would be two sockets with one listener's routes.
+                Some(l) if out.iter().any(|o| o.bind == l.bind) => {
+                    let why = if l.bind.port() == 0 {
+                        format!("{} is also an earlier listener's bind: give each its own port, as a listener is known by its bind", l.bind)
+                    } else {
+                        format!("{} is bound by an earlier listener", l.bind)
+                    };
+                    self.problem(Some(item.pos), &format!("{path}.bind"), why);
                     ok = false;
                 }
                 Some(l) => out.push(l),
