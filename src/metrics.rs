@@ -28,6 +28,7 @@ pub const QUEUE_DEPTH: &str = "bascule_queue_depth";
 pub const QUEUE_WAIT: &str = "bascule_queue_wait_seconds";
 pub const QUEUE_REJECTED: &str = "bascule_queue_rejected_total";
 pub const DISCOVERY_LOOKUPS: &str = "bascule_discovery_lookups_total";
+pub const PROXY_PROTOCOL_REFUSED: &str = "bascule_proxy_protocol_refused_total";
 
 /// The label value for replies made without a backend (and without an upstream when no route matched).
 pub const NONE: &str = "none";
@@ -188,6 +189,14 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         let (key, value) = pair.split_once('=')?;
         (key == name).then(|| value.trim_matches('"'))
     })
+}
+
+/// A connection closed on a `proxy_protocol` listener: its header `missing`,
+/// `invalid`, or not whole in time (`timeout`).
+pub fn proxy_protocol_refused(listener: &str, reason: &'static str) {
+    handle();
+    metrics::counter!(PROXY_PROTOCOL_REFUSED, "listener" => listener.to_string(), "reason" => reason)
+        .increment(1);
 }
 
 /// One lookup of a backend name: `found`, `no_address` or `failed`.

@@ -33,6 +33,19 @@ pub enum Refused {
     Missing,
     /// A header `ppp` could not read, or one longer than bascule takes.
     Invalid(String),
+    /// Not whole within the time given.
+    Timeout(Duration),
+}
+
+impl Refused {
+    /// For the metric's `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::Missing => "missing",
+            Refused::Invalid(_) => "invalid",
+            Refused::Timeout(_) => "timeout",
+        }
+    }
 }
 
 impl std::fmt::Display for Refused {
@@ -40,6 +53,7 @@ impl std::fmt::Display for Refused {
         match self {
             Refused::Missing => f.write_str("no PROXY protocol header"),
             Refused::Invalid(why) => write!(f, "invalid PROXY protocol header: {why}"),
+            Refused::Timeout(limit) => write!(f, "no whole PROXY protocol header within {limit:?}"),
         }
     }
 }
@@ -102,7 +116,7 @@ pub async fn read(
     match tokio::time::timeout(timeout, read_header(stream)).await {
         Ok(Ok(header)) => stated_client(&header),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(Refused::Invalid(format!("not whole within {timeout:?}"))),
+        Err(_) => Err(Refused::Timeout(timeout)),
     }
 }
 

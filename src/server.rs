@@ -545,7 +545,14 @@ impl Worker {
         Box::pin(async move {
             match proxy_protocol::read(&mut stream, timeout).await {
                 Ok(client) => at.peer = client.unwrap_or(at.peer),
-                Err(e) => return tracing::debug!(peer = %at.peer, "connection closed: {e}"),
+                Err(e) => {
+                    // Counted: a sender that does not speak it (an NLB with the
+                    // header off) shows here rather than as silence.
+                    if let Some(l) = self.state.load().listener(at.key) {
+                        crate::metrics::proxy_protocol_refused(&l.config.name, e.reason());
+                    }
+                    return tracing::debug!(peer = %at.peer, "connection closed: {e}");
+                }
             }
             // Read again: a reload may have come while the header did.
             let task = {

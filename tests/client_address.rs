@@ -118,24 +118,48 @@ fn the_client_a_proxy_protocol_header_states_is_the_one_forwarded_and_logged() {
 fn a_connection_without_a_valid_header_is_closed_and_reaches_no_backend() {
     let a = TestBackend::start("a");
     let dir = tempfile::tempdir().unwrap();
-    let lb = Balancer::start(&config(&[&a], &dir.path().join("access.log")));
-    let refused: [&[u8]; 5] = [
-        REQUEST,
-        b"PROXY TCP4 192.0.2.300 127.0.0.1 51000 80\r\n",
-        b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80 and on and on and on and on and on and on and on and on and on and on\r\n",
-        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff",
-        b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x0c",
+    let yaml = config(&[&a], &dir.path().join("access.log")).replace(
+        "    proxy_protocol: true\n",
+        "    proxy_protocol: true\n    timeouts: { header_read: 300ms }\n",
+    );
+    let lb = Balancer::start(&yaml);
+    // What each connection sends: a bad start, then the request (which must not be served).
+    let refused: [&[&[u8]]; 6] = [
+        &[REQUEST],
+        &[b"PROXY TCP4 192.0.2.300 127.0.0.1 51000 80\r\n", REQUEST],
+        &[b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80 and on and on and on and on and on and on and on and on and on and on\r\n", REQUEST],
+        &[b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff", REQUEST],
+        &[b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x0c", REQUEST],
+        // Not whole within header_read.
+        &[b"PROXY TCP4 192.0.2.7"],
     ];
-    for bytes in refused {
-        let back = exchange(lb.addr, &[bytes, REQUEST]);
+    for pieces in refused {
+        let back = exchange(lb.addr, pieces);
         assert!(
             back.is_empty(),
             "{:?} got {:?}",
-            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(pieces[0]),
             String::from_utf8_lossy(&back)
         );
     }
     assert!(a.requests().is_empty());
+    // Each is counted, by reason: a sender that does not speak it shows in the metrics.
+    let metrics = get(lb.admin(), "/metrics").body;
+    let refused = |reason: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("bascule_proxy_protocol_refused_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no {reason} line in:\n{metrics}"))
+            .to_string()
+    };
+    assert_eq!(
+        (refused("missing"), refused("invalid"), refused("timeout")),
+        ("1".into(), "4".into(), "1".into())
+    );
     // The listener serves on.
     let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 80\r\n";
     let reply = parse_reply(&exchange(lb.addr, &[v1, REQUEST]));
