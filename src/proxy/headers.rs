@@ -125,9 +125,8 @@ pub fn client_ip_value(ip: IpAddr) -> HeaderValue {
 /// was written by no one bascule trusts. `None` when the list is missing or
 /// its last entry is not an address.
 pub fn forwarded_client(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
-    let lists: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
     let mut client = None;
-    for list in lists.into_iter().rev() {
+    for list in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
         let Ok(list) = list.to_str() else {
             return client;
         };
